@@ -1,0 +1,78 @@
+"""Object keys the pipeline derives from a source key.
+
+Every key here is a pure function of its inputs, so running the same event twice, or replaying a
+run, writes to the same keys and never leaves duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from functions.common.events import SourceObject
+
+__all__ = [
+    "STAGING_PREFIX",
+    "FAILURE_PREFIX",
+    "output_key",
+    "sidecar_key",
+    "staging_key",
+    "failure_key",
+    "execution_name",
+    "is_pipeline_key",
+]
+
+STAGING_PREFIX = "labelmark-staging/"
+FAILURE_PREFIX = "labelmark-failures/"
+
+# Step Functions execution names: 1 to 80 characters, none of whitespace, brackets, wildcards,
+# `" # % \ ^ | ~ ` $ & , ; : /`, or control characters. Non-ASCII letters are allowed by the
+# service but break CloudWatch Logs links, so this keeps ASCII only.
+_NAME_MAX = 80
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def output_key(source_key: str, prefix: str) -> str:
+    """Return the published image's key: the prefix joined to the whole source key."""
+    return f"{prefix}{source_key}"
+
+
+def sidecar_key(image_key: str) -> str:
+    """Return the key of the JSON file that carries an image's labels."""
+    return f"{image_key}.labels.json"
+
+
+def staging_key(source: SourceObject) -> str:
+    """Return where the watermark stage stages its result for this exact source content."""
+    digest = _content_digest(source)
+    extension = source.key.rsplit(".", 1)[-1] if "." in source.key.rsplit("/", 1)[-1] else "img"
+    return f"{STAGING_PREFIX}{digest}.{_NAME_UNSAFE.sub('', extension)[:8] or 'img'}"
+
+
+def failure_key(execution: str) -> str:
+    """Return the key of a failed execution's record (the state machine writes the same key)."""
+    return f"{FAILURE_PREFIX}{execution}.json"
+
+
+def execution_name(source: SourceObject) -> str:
+    """Return a Step Functions execution name for one upload of one object.
+
+    The name keeps a readable tail of the key and ends in a digest of bucket, key and content
+    identity, so a duplicate event maps to the same name while a new upload gets a new one.
+    """
+    digest = _content_digest(source)[:16]
+    stem = _NAME_UNSAFE.sub("-", source.key.rsplit("/", 1)[-1]).strip("-.") or "object"
+    room = _NAME_MAX - len(digest) - 1
+    return f"{stem[:room]}-{digest}"
+
+
+def is_pipeline_key(key: str, output_prefix: str) -> bool:
+    """Return True for keys the pipeline writes itself, which must never start a run."""
+    prefixes = (STAGING_PREFIX, FAILURE_PREFIX) + ((output_prefix,) if output_prefix else ())
+    return key.startswith(prefixes)
+
+
+def _content_digest(source: SourceObject) -> str:
+    identity = source.version_id or source.etag or source.sequencer or ""
+    text = f"{source.bucket}\n{source.key}\n{identity}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
