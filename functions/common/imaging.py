@@ -1,0 +1,105 @@
+"""Open uploaded images safely: judged by content, checked against size limits before decoding."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from functions.common.errors import CorruptImageError, ImageTooLargeError, UnsupportedImageError
+
+__all__ = [
+    "SUPPORTED_FORMATS",
+    "ImageLimits",
+    "open_image",
+    "load_pixels",
+    "register_heif",
+]
+
+# Pillow format names accepted as input, with the names a person knows them by.
+SUPPORTED_FORMATS = {
+    "JPEG": "JPEG",
+    "MPO": "JPEG",
+    "PNG": "PNG",
+    "WEBP": "WebP",
+    "TIFF": "TIFF",
+    "GIF": "GIF",
+    "BMP": "BMP",
+    "HEIF": "HEIC",
+    "AVIF": "AVIF",
+}
+_SUPPORTED_LIST = "JPEG, PNG, WebP, TIFF, GIF, BMP, HEIC"
+
+_heif_registered = False
+
+# Pillow's own decompression-bomb check uses one process-wide limit; open_image applies the
+# configured limit from the header instead, before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Limits checked before an image is decoded."""
+
+    max_pixels: int = 100_000_000
+    max_bytes: int = 200 * 1024 * 1024
+
+
+def register_heif() -> None:
+    """Teach Pillow to open HEIC/HEIF (phone photos) through pillow-heif, once per process."""
+    global _heif_registered
+    if _heif_registered:
+        return
+
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    _heif_registered = True
+
+
+def open_image(data: bytes, key: str, limits: ImageLimits) -> Image.Image:
+    """Open DATA lazily and check its format and size; pixels are not decoded yet.
+
+    Raises UnsupportedImageError, ImageTooLargeError or CorruptImageError naming KEY and the rule.
+    """
+    register_heif()
+    if len(data) > limits.max_bytes:
+        raise ImageTooLargeError(
+            f"'{key}' is {len(data):,} bytes, the limit is {limits.max_bytes:,} bytes"
+        )
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise UnsupportedImageError(
+            f"cannot read '{key}': content is not an image in a supported format "
+            f"({_SUPPORTED_LIST})"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImageError(f"cannot read '{key}': the image header is damaged ({exc})") from exc
+
+    if image.format not in SUPPORTED_FORMATS:
+        raise UnsupportedImageError(
+            f"cannot read '{key}': {image.format} is not a supported input ({_SUPPORTED_LIST})"
+        )
+
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise CorruptImageError(f"'{key}' has an invalid size of {width}x{height} px")
+    if width * height > limits.max_pixels:
+        raise ImageTooLargeError(
+            f"'{key}' is {width}x{height} px ({width * height / 1e6:.1f} megapixels), "
+            f"the limit is {limits.max_pixels / 1e6:g} megapixels"
+        )
+    return image
+
+
+def load_pixels(image: Image.Image, key: str) -> None:
+    """Decode IMAGE fully, so that a truncated or damaged file fails here and is never published."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CorruptImageError(
+            f"cannot decode '{key}': the {image.format} data is truncated or damaged ({exc})"
+        ) from exc

@@ -1,0 +1,1 @@
+"""Detect stage: label photos."""

@@ -1,0 +1,139 @@
+"""Lambda handler of the store stage: publish the staged image with its labels, idempotently."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from functions.common.aws import client, translate_aws_error
+from functions.common.errors import SourceNotFoundError
+from functions.common.events import SourceObject
+from functions.common.keys import output_key, sidecar_key
+from functions.common.observability import logger, metrics, timed_stage
+from functions.common.s3io import check_buckets_differ, put_object
+from functions.store.settings import StoreSettings, load_settings
+
+__all__ = ["handler", "store", "labels_metadata"]
+
+# S3 user metadata is limited to 2 KB in all, so the object carries a short label list and the
+# sidecar carries the full labels.
+_METADATA_LABELS_MAX = 1024
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context(clear_state=True)
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Return the published image and sidecar keys."""
+    source = SourceObject.from_dict(event["source"])
+    with timed_stage("Store", bucket=source.bucket, key=source.key, execution=event.get("execution")):
+        return store(source, list(event.get("labels") or []), event["staged"], load_settings())
+
+
+def store(
+    source: SourceObject,
+    labels: list[dict[str, Any]],
+    staged: dict[str, Any],
+    settings: StoreSettings,
+    *,
+    s3: Any = None,
+) -> dict[str, Any]:
+    """Copy the staged image to its published key, write the sidecar and delete the staging object.
+
+    Running it again after it succeeded finds the staging object gone and the published image
+    already carrying this source's ETag, and returns the same result without writing anything.
+    """
+    s3 = s3 or client("s3")
+    check_buckets_differ(source.bucket, settings.processed_bucket)
+    image_key = output_key(source.key, settings.output_prefix)
+    result = {
+        "output": {
+            "bucket": settings.processed_bucket,
+            "key": image_key,
+            "sidecarKey": sidecar_key(image_key),
+        }
+    }
+    metadata = {
+        "labels": labels_metadata(labels),
+        "source-bucket": _ascii(source.bucket),
+        "source-key": _ascii(source.key),
+        "source-etag": source.etag or "",
+    }
+
+    if not _exists(s3, staged["bucket"], staged["key"]):
+        if _already_published(s3, settings.processed_bucket, image_key, source):
+            return result
+        raise SourceNotFoundError(
+            f"staged image s3://{staged['bucket']}/{staged['key']} for '{source.key}' is gone "
+            "and no published copy of this upload exists; run the watermark stage again"
+        )
+
+    try:
+        s3.copy_object(
+            Bucket=settings.processed_bucket,
+            Key=image_key,
+            CopySource={"Bucket": staged["bucket"], "Key": staged["key"]},
+            MetadataDirective="REPLACE",
+            ContentType=staged.get("contentType", "application/octet-stream"),
+            Metadata=metadata,
+        )
+    except Exception as exc:
+        raise translate_aws_error(exc, f"publishing s3://{settings.processed_bucket}/{image_key}") from exc
+
+    sidecar = {
+        "source": source.to_dict(),
+        "output": {"bucket": settings.processed_bucket, "key": image_key},
+        "image": {name: staged.get(name) for name in ("format", "width", "height", "frames", "text")},
+        "labels": labels,
+    }
+    put_object(
+        settings.processed_bucket,
+        sidecar_key(image_key),
+        json.dumps(sidecar, ensure_ascii=False, indent=2).encode("utf-8"),
+        s3=s3,
+        ContentType="application/json",
+    )
+
+    try:
+        s3.delete_object(Bucket=staged["bucket"], Key=staged["key"])
+    except Exception as exc:
+        raise translate_aws_error(exc, f"deleting s3://{staged['bucket']}/{staged['key']}") from exc
+    return result
+
+
+def labels_metadata(labels: list[dict[str, Any]]) -> str:
+    """Return 'Name:confidence' pairs for object metadata, ASCII only and at most 1 KB."""
+    text = ""
+    for label in labels:
+        item = f"{_ascii(str(label['Name']))}:{float(label['Confidence']):.1f}"
+        candidate = f"{text},{item}" if text else item
+        if len(candidate) > _METADATA_LABELS_MAX:
+            break
+        text = candidate
+    return text
+
+
+def _ascii(value: str) -> str:
+    # S3 returns non-ASCII metadata values RFC 2047-encoded, so they are escaped here instead.
+    return value.encode("ascii", "backslashreplace").decode("ascii")[:512]
+
+
+def _exists(s3: Any, bucket: str, key: str) -> bool:
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        error = translate_aws_error(exc, f"checking s3://{bucket}/{key}")
+        if isinstance(error, SourceNotFoundError):
+            return False
+        raise error from exc
+    return True
+
+
+def _already_published(s3: Any, bucket: str, key: str, source: SourceObject) -> bool:
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        error = translate_aws_error(exc, f"checking s3://{bucket}/{key}")
+        if isinstance(error, SourceNotFoundError):
+            return False
+        raise error from exc
+    return head.get("Metadata", {}).get("source-etag", "") == (source.etag or "")

@@ -1,0 +1,265 @@
+"""Draw an image's top labels on a translucent band along its bottom edge.
+
+Only the rows under the band are touched: the band is blended in the image's own mode, so a large
+photo is never converted to RGBA as a whole. Orientation from EXIF is applied first, so the band
+lands at the bottom of the picture as a person sees it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps, ImageSequence
+
+from functions.common.errors import ImageTooLargeError
+
+__all__ = [
+    "RenderOptions",
+    "RenderedImage",
+    "watermark_text",
+    "draw_band",
+    "render",
+]
+
+# Under this many pixels on the short side, text at the minimum font size would not be readable,
+# so the picture is enlarged first (the sidecar records the output size).
+MIN_SHORT_SIDE = 160
+MIN_FONT_PX = 12
+FONT_SCALE = 0.045  # font height as a share of the short side
+BAND_OPACITY = 0.55  # how far the band darkens the pixels under it, 0 to 1
+
+# EXIF tags that identify a person, a place or a device; dropped unless KEEP_PRIVATE_METADATA is on.
+_GPS_IFD = 0x8825
+_EXIF_IFD = 0x8769
+_PRIVATE_IFD0_TAGS = (0x010F, 0x0110, 0x013B, 0xC62F)  # Make, Model, Artist, CameraSerialNumber
+_PRIVATE_EXIF_TAGS = (0x927C, 0xA430, 0xA431, 0xA433, 0xA434, 0xA435)  # MakerNote, owner, serials, lens
+
+_BLACK = {"RGB": (0, 0, 0), "RGBA": (0, 0, 0, 255), "L": 0, "LA": (0, 255), "CMYK": (0, 0, 0, 255)}
+_WHITE = {"RGB": (255, 255, 255), "RGBA": (255, 255, 255, 255), "L": 255, "LA": (255, 255), "CMYK": (0, 0, 0, 0)}
+
+# Output format for each input format; MPO (a JPEG with extra frames from some cameras) becomes JPEG.
+_OUTPUT_FORMAT = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "GIF": "GIF",
+                  "TIFF": "TIFF", "BMP": "BMP", "HEIF": "HEIF"}
+CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
+                 "TIFF": "image/tiff", "BMP": "image/bmp", "HEIF": "image/heic"}
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How the watermark is drawn and the result encoded."""
+
+    jpeg_quality: int = 90
+    keep_private_metadata: bool = False
+    max_frames: int = 300
+    max_pixels: int = 100_000_000
+
+
+@dataclass(frozen=True)
+class RenderedImage:
+    """An encoded, watermarked image."""
+
+    data: bytes
+    format: str
+    content_type: str
+    width: int
+    height: int
+    frames: int
+
+
+def watermark_text(names: list[str], max_names: int = 3) -> str:
+    """Return the text drawn on the band: the first MAX_NAMES label names."""
+    return "  ·  ".join(names[:max_names]) if names else "no labels"
+
+
+def render(image: Image.Image, text: str, options: RenderOptions) -> RenderedImage:
+    """Watermark IMAGE (opened, not necessarily loaded) with TEXT and encode it in its own format."""
+    source_format = image.format or "PNG"
+    output_format = _OUTPUT_FORMAT.get(source_format, "PNG")
+    frame_count = getattr(image, "n_frames", 1) if output_format in {"GIF", "WEBP", "TIFF"} else 1
+    _check_frames(image, frame_count, options)
+
+    icc_profile = image.info.get("icc_profile")
+    exif = _public_exif(image, keep_private=options.keep_private_metadata)
+
+    if frame_count > 1:
+        frames = [_watermark_frame(frame.copy(), text) for frame in ImageSequence.Iterator(image)]
+    else:
+        frames = [_watermark_frame(image, text)]
+
+    first = frames[0]
+    save_args = _save_arguments(image, first, output_format, options, icc_profile, exif)
+    if len(frames) > 1:
+        save_args.update(save_all=True, append_images=frames[1:])
+
+    buffer = io.BytesIO()
+    first.save(buffer, format=output_format, **save_args)
+    return RenderedImage(
+        data=buffer.getvalue(),
+        format=output_format,
+        content_type=CONTENT_TYPES[output_format],
+        width=first.width,
+        height=first.height,
+        frames=len(frames),
+    )
+
+
+def draw_band(image: Image.Image, text: str) -> Image.Image:
+    """Darken a band along the bottom of IMAGE and write TEXT on it, in place where possible.
+
+    IMAGE must be in a mode with known black and white (RGB, RGBA, L, LA, CMYK).
+    """
+    width, height = image.size
+    font_px = max(MIN_FONT_PX, round(min(width, height) * FONT_SCALE))
+    font, line = _fit_text(text, font_px, max_width=width - 2 * _padding(font_px))
+
+    band_height = min(height, math.ceil(font.size * 1.7))
+    box = (0, height - band_height, width, height)
+    band = image.crop(box)
+    dark = Image.new(image.mode, band.size, _BLACK[image.mode])
+    image.paste(Image.blend(band, dark, BAND_OPACITY), box)
+
+    draw = ImageDraw.Draw(image)
+    text_top = height - band_height + (band_height - font.size) // 2
+    draw.text((_padding(font_px), text_top), line, font=font, fill=_WHITE[image.mode])
+    return image
+
+
+def _watermark_frame(frame: Image.Image, text: str) -> Image.Image:
+    frame = _drawable(frame)
+    transposed = ImageOps.exif_transpose(frame, in_place=False) if _needs_transpose(frame) else frame
+    assert transposed is not None
+    if min(transposed.size) < MIN_SHORT_SIDE:
+        scale = math.ceil(MIN_SHORT_SIDE / min(transposed.size))
+        transposed = transposed.resize(
+            (transposed.width * scale, transposed.height * scale), Image.Resampling.LANCZOS
+        )
+    return draw_band(transposed, text)
+
+
+def _drawable(frame: Image.Image) -> Image.Image:
+    """Return FRAME in a mode draw_band supports, keeping transparency where there is any."""
+    mode = frame.mode
+    if mode in _BLACK:
+        return frame
+    if mode in {"P", "PA"}:
+        has_alpha = mode == "PA" or "transparency" in frame.info
+        return frame.convert("RGBA" if has_alpha else "RGB")
+    if mode in {"I;16", "I;16B", "I;16L", "I;16N", "I"}:
+        # 16-bit greyscale: scale to 8 bits, since the output encoders and drawing work in 8 bits.
+        return frame.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+    if mode == "1":
+        return frame.convert("L")
+    if mode == "F":
+        return frame.convert("L")
+    return frame.convert("RGB")
+
+
+def _needs_transpose(frame: Image.Image) -> bool:
+    return frame.getexif().get(0x0112, 1) not in (1, None)
+
+
+def _fit_text(text: str, font_px: int, *, max_width: int) -> tuple[ImageFont.FreeTypeFont, str]:
+    """Return a font and a line that fits MAX_WIDTH: fewer labels first, then a smaller font."""
+    parts = text.split("  ·  ")
+    size = font_px
+    while True:
+        font = _font(size)
+        for count in range(len(parts), 0, -1):
+            line = "  ·  ".join(parts[:count])
+            if font.getlength(line) <= max_width:
+                return font, line
+        if size <= MIN_FONT_PX:
+            return font, _ellipsize(parts[0], font, max_width)
+        size = max(MIN_FONT_PX, int(size * 0.8))
+
+
+def _ellipsize(line: str, font: ImageFont.FreeTypeFont, max_width: int) -> str:
+    while line and font.getlength(line + "…") > max_width:
+        line = line[:-1]
+    return line + "…" if line else ""
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    # Pillow's built-in scalable font needs FreeType, which Pillow's wheels include.
+    font = ImageFont.load_default(size=size)
+    assert isinstance(font, ImageFont.FreeTypeFont)
+    return font
+
+
+def _padding(font_px: int) -> int:
+    return max(4, font_px // 2)
+
+
+def _check_frames(image: Image.Image, frame_count: int, options: RenderOptions) -> None:
+    if frame_count > options.max_frames:
+        raise ImageTooLargeError(
+            f"image has {frame_count} frames, the limit is {options.max_frames} frames"
+        )
+    total = frame_count * image.width * image.height
+    if total > options.max_pixels:
+        raise ImageTooLargeError(
+            f"image has {frame_count} frames of {image.width}x{image.height} px "
+            f"({total / 1e6:.1f} megapixels in all), the limit is {options.max_pixels / 1e6:g} megapixels"
+        )
+
+
+def _public_exif(image: Image.Image, *, keep_private: bool) -> bytes | None:
+    exif = image.getexif()
+    if not exif:
+        return None
+
+    exif.pop(0x0112, None)  # orientation is applied to the pixels
+    if not keep_private:
+        exif.pop(_GPS_IFD, None)
+        for tag in _PRIVATE_IFD0_TAGS:
+            exif.pop(tag, None)
+        exif_ifd = exif.get_ifd(_EXIF_IFD)
+        for tag in _PRIVATE_EXIF_TAGS:
+            exif_ifd.pop(tag, None)
+    return exif.tobytes()
+
+
+def _save_arguments(
+    source: Image.Image,
+    frame: Image.Image,
+    output_format: str,
+    options: RenderOptions,
+    icc_profile: bytes | None,
+    exif: bytes | None,
+) -> dict[str, object]:
+    args: dict[str, object] = {}
+    if icc_profile:
+        args["icc_profile"] = icc_profile
+    if exif and output_format in {"JPEG", "PNG", "WEBP", "TIFF", "HEIF"}:
+        args["exif"] = exif
+
+    if output_format == "JPEG":
+        if frame.mode in {"RGBA", "LA"}:
+            raise AssertionError("JPEG sources never carry alpha")
+        # Re-using the source's quantization tables keeps its quality and avoids a second loss of
+        # detail; a transposed or enlarged picture is a new image and gets the configured quality.
+        keep = frame is source and source.format == "JPEG"
+        args["quality"] = "keep" if keep else options.jpeg_quality
+        if keep:
+            args["subsampling"] = "keep"
+        if source.info.get("progressive"):
+            args["progressive"] = True
+    elif output_format == "WEBP":
+        args["quality"] = options.jpeg_quality
+        args["lossless"] = bool(source.info.get("lossless", False))
+        if "duration" in source.info:
+            args["duration"] = source.info["duration"]
+        if "loop" in source.info:
+            args["loop"] = source.info["loop"]
+    elif output_format == "GIF":
+        if "duration" in source.info:
+            args["duration"] = source.info["duration"]
+        args["loop"] = source.info.get("loop", 0)
+        args["disposal"] = 2
+    elif output_format == "TIFF":
+        args["compression"] = "tiff_adobe_deflate"
+    elif output_format == "HEIF":
+        args["quality"] = options.jpeg_quality
+    return args

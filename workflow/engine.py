@@ -1,0 +1,350 @@
+"""The local engine: the pipeline's state machine on moto's Step Functions interpreter.
+
+Everything runs inside this process: S3 is moto's in-memory S3, the state machine is
+`pipeline.asl.json` with its placeholders filled in, and Lambda tasks are dispatched to the handler
+modules (see `workflow.dispatch`). No AWS account and no network are needed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from workflow import DEFINITION_PATH
+from workflow.dispatch import FaultHook, LambdaDispatcher, function_arn, install_dispatch
+
+__all__ = [
+    "EngineConfig",
+    "LocalEngine",
+    "RunResult",
+    "render_definition",
+    "object_created_event",
+]
+
+REGION = "us-east-1"
+_TERMINAL = {"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one local engine; the function settings become environment variables."""
+
+    source_bucket: str = "labelmark-source"
+    processed_bucket: str = "labelmark-processed"
+    output_prefix: str = "watermarked-"
+    detector: str = "local"
+    state_machine_name: str = "labelmark-pipeline"
+    # Send DetectLabels to the real Amazon Rekognition with the caller's credentials; when off,
+    # moto's Rekognition answers (tests).
+    real_rekognition: bool = True
+    function_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """How one execution ended, read from the interpreter."""
+
+    name: str
+    arn: str
+    status: str
+    input: dict[str, Any]
+    output: dict[str, Any] | None
+    error: str | None
+    cause: str | None
+    started: dt.datetime | None
+    stopped: dt.datetime | None
+
+    @property
+    def skipped_reason(self) -> str | None:
+        """Return why the run did nothing, when the guard skipped it."""
+        return (self.output or {}).get("skipped")
+
+
+def render_definition(template: str, substitutions: dict[str, str]) -> str:
+    """Return the definition with each `${Name}` placeholder replaced; fail on any left over."""
+    text = template
+    for name, value in substitutions.items():
+        text = text.replace("${" + name + "}", value)
+    if "${" in text:
+        start = text.index("${")
+        raise ValueError(f"definition placeholder {text[start:text.index('}', start) + 1]} has no value")
+    return text
+
+
+def object_created_event(
+    bucket: str, key_encoded: str, size: int, etag: str, *, sequencer: str = "", region: str = REGION
+) -> dict[str, Any]:
+    """Return an EventBridge `Object Created` event as S3 sends it (KEY_ENCODED URL-encoded)."""
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "version": "0",
+        "id": f"local-{etag}-{sequencer}",
+        "detail-type": "Object Created",
+        "source": "aws.s3",
+        "account": "123456789012",
+        "time": now,
+        "region": region,
+        "resources": [f"arn:aws:s3:::{bucket}"],
+        "detail": {
+            "version": "0",
+            "bucket": {"name": bucket},
+            "object": {"key": key_encoded, "size": size, "etag": etag, "sequencer": sequencer},
+            "request-id": "local",
+            "requester": "123456789012",
+            "reason": "PutObject",
+        },
+    }
+
+
+class LocalEngine:
+    """Buckets and the state machine in moto, with Lambda tasks run in this process.
+
+    Use it as a context manager: entering starts moto's mocks and creates the buckets and the state
+    machine; leaving stops them and forgets everything they held.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, *, fault_hook: FaultHook | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.dispatcher = LambdaDispatcher(region=REGION, fault_hook=fault_hook)
+        self._mock: Any = None
+        self._uninstall: Any = None
+        self._saved_env: dict[str, str | None] = {}
+        self.state_machine_arn = ""
+        self._lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start moto's mocks and create the buckets and the state machine."""
+        from moto import mock_aws
+
+        self._set_env(self._environment())
+        real_rekognition = self.config.detector == "rekognition" and self.config.real_rekognition
+        if real_rekognition:
+            _require_credentials()
+        self._mock = mock_aws(
+            config={
+                "stepfunctions": {"execute_state_machine": True},
+                "core": {
+                    # With real credentials in place, moto must not replace them, or the
+                    # Rekognition calls that pass through would be signed with fake keys.
+                    "mock_credentials": not real_rekognition,
+                    "passthrough": {"services": ["rekognition"] if real_rekognition else []},
+                },
+            }
+        )
+        self._mock.start()
+        from functions.common.aws import reset_clients
+
+        reset_clients()
+        self._uninstall = install_dispatch(self.dispatcher)
+
+        s3 = self.s3
+        for bucket in (self.config.source_bucket, self.config.processed_bucket):
+            s3.create_bucket(Bucket=bucket)
+        self.state_machine_arn = self._create_state_machine()
+
+    def stop(self) -> None:
+        """Stop the mocks, restore the environment and drop every object and execution."""
+        if self._uninstall:
+            self._uninstall()
+            self._uninstall = None
+        self.dispatcher.shutdown()
+        if self._mock is not None:
+            self._mock.stop()
+            self._mock = None
+        from functions.common.aws import reset_clients
+
+        reset_clients()
+        self._restore_env()
+
+    # -- clients ---------------------------------------------------------------------------
+
+    @property
+    def s3(self) -> Any:
+        from functions.common.aws import client
+
+        return client("s3")
+
+    @property
+    def sfn(self) -> Any:
+        from functions.common.aws import client
+
+        return client("stepfunctions")
+
+    # -- running ---------------------------------------------------------------------------
+
+    def upload(self, key: str, body: bytes, **extra: Any) -> dict[str, Any]:
+        """Put BODY at KEY in the source bucket and return the `Object Created` event for it."""
+        from functions.common.events import encode_key
+
+        response = self.s3.put_object(Bucket=self.config.source_bucket, Key=key, Body=body, **extra)
+        etag = str(response["ETag"]).strip('"')
+        return object_created_event(
+            self.config.source_bucket,
+            encode_key(key),
+            len(body),
+            etag,
+            sequencer=f"{time.time_ns():X}",
+        )
+
+    def start_execution(self, event: dict[str, Any], name: str | None = None) -> str:
+        """Start one execution for EVENT and return its ARN.
+
+        The name defaults to one derived from the object and its ETag, so a duplicate event maps to
+        the same name and Step Functions returns the existing execution instead of a second one.
+        """
+        if name is None:
+            name = self.execution_name_for(event)
+        response = self.sfn.start_execution(
+            stateMachineArn=self.state_machine_arn, name=name, input=json.dumps(event)
+        )
+        return str(response["executionArn"])
+
+    @staticmethod
+    def execution_name_for(event: dict[str, Any]) -> str:
+        """Return the deterministic execution name for EVENT (one per object content)."""
+        from dataclasses import replace
+
+        from functions.common.events import parse_event
+        from functions.common.keys import execution_name
+
+        source = parse_event(event)
+        # The sequencer differs between deliveries of one upload, so only the content identifies it.
+        return execution_name(replace(source, sequencer=None))
+
+    def wait(self, execution_arn: str, *, timeout: float = 600.0, poll: float = 0.02) -> RunResult:
+        """Wait until the execution ends and return how it ended."""
+        deadline = time.monotonic() + timeout
+        while True:
+            description = self.sfn.describe_execution(executionArn=execution_arn)
+            if description["status"] in _TERMINAL:
+                return _run_result(description)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"execution {execution_arn} still running after {timeout:.0f} s")
+            time.sleep(poll)
+
+    def run(self, event: dict[str, Any], name: str | None = None, *, timeout: float = 600.0) -> RunResult:
+        """Start one execution for EVENT and wait for its end."""
+        return self.wait(self.start_execution(event, name), timeout=timeout)
+
+    def history(self, execution_arn: str) -> list[dict[str, Any]]:
+        """Return the execution's history events, oldest first."""
+        events: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"executionArn": execution_arn, "maxResults": 1000}
+        while True:
+            page = self.sfn.get_execution_history(**kwargs)
+            events.extend(page["events"])
+            if not page.get("nextToken"):
+                return events
+            kwargs["nextToken"] = page["nextToken"]
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        """Return the content of s3://BUCKET/KEY."""
+        return bytes(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Return every key in BUCKET under PREFIX."""
+        keys: list[str] = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+        return keys
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _environment(self) -> dict[str, str]:
+        env = {
+            "AWS_DEFAULT_REGION": REGION,
+            "PROCESSED_BUCKET": self.config.processed_bucket,
+            "OUTPUT_PREFIX": self.config.output_prefix,
+            "DETECTOR_BACKEND": self.config.detector,
+            # Real Rekognition cannot read objects from the in-process S3, so it gets the bytes.
+            "REKOGNITION_IMAGE_SOURCE": "bytes",
+            "MIN_CONFIDENCE": os.environ.get("MIN_CONFIDENCE", "20" if self.config.detector == "local" else "70"),
+            "POWERTOOLS_METRICS_DISABLED": "true",
+            "POWERTOOLS_LOG_LEVEL": os.environ.get("POWERTOOLS_LOG_LEVEL", "WARNING"),
+        }
+        env.update(self.config.function_env)
+        return env
+
+    def _set_env(self, values: dict[str, str]) -> None:
+        for name, value in values.items():
+            self._saved_env.setdefault(name, os.environ.get(name))
+            os.environ[name] = value
+
+    def _restore_env(self) -> None:
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._saved_env.clear()
+
+    def _create_state_machine(self) -> str:
+        definition = render_definition(
+            DEFINITION_PATH.read_text(encoding="utf-8"),
+            {
+                "DetectFunctionArn": function_arn("detect", REGION),
+                "WatermarkFunctionArn": function_arn("watermark", REGION),
+                "StoreFunctionArn": function_arn("store", REGION),
+                "ProcessedBucket": self.config.processed_bucket,
+                "OutputPrefix": self.config.output_prefix,
+            },
+        )
+        response = self.sfn.create_state_machine(
+            name=self.config.state_machine_name,
+            definition=definition,
+            roleArn="arn:aws:iam::123456789012:role/labelmark-local",
+        )
+        return str(response["stateMachineArn"])
+
+
+def _require_credentials() -> None:
+    import boto3
+
+    if boto3.Session().get_credentials() is None:
+        raise RuntimeError(
+            "the rekognition detector calls Amazon Rekognition and needs AWS credentials; "
+            "configure them (aws configure, or AWS_PROFILE) or use the local detector"
+        )
+
+
+def _run_result(description: dict[str, Any]) -> RunResult:
+    output = description.get("output")
+    return RunResult(
+        name=description["name"],
+        arn=description["executionArn"],
+        status=description["status"],
+        input=json.loads(description.get("input") or "{}"),
+        output=json.loads(output) if output else None,
+        error=description.get("error"),
+        cause=description.get("cause"),
+        started=description.get("startDate"),
+        stopped=description.get("stopDate"),
+    )
+
+
+@contextmanager
+def local_engine(config: EngineConfig | None = None, **kwargs: Any) -> Iterator[LocalEngine]:
+    """Yield a started LocalEngine and stop it afterwards."""
+    engine = LocalEngine(config, **kwargs)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
