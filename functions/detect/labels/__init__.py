@@ -1,0 +1,1 @@
+"""ImageNet-to-general label table and the script that generates it."""

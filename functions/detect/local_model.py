@@ -1,0 +1,197 @@
+"""Label photos offline with EfficientNet-Lite0 on onnxruntime, in Rekognition's label shape.
+
+The classifier scores ImageNet's 1000 classes. ``labels/imagenet_general.json`` maps each class
+to general labels with their parents, and a class's probability adds into each of them, so a
+label's confidence is the probability that the photo shows any of its classes. People are found
+by a frontal-face cascade (``person.py``) because ImageNet has no person class.
+
+The model files are built at install time by ``python -m functions.detect.build_model`` into
+``functions/detect/model/``, or into the folder that ``LABELMARK_MODEL_DIR`` names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, JpegImagePlugin
+
+from functions.detect import person
+from functions.detect.build_model import INPUT_SIZE, MODEL_FILENAME
+
+MODEL_DIR_ENV = "LABELMARK_MODEL_DIR"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
+LABEL_TABLE_PATH = Path(__file__).resolve().parent / "labels" / "imagenet_general.json"
+
+# Two threads match a 2-vCPU Lambda function; more threads than cores only add contention.
+INTRA_OP_THREADS = min(2, os.cpu_count() or 1)
+
+# JPEG draft decoding picks the smallest 1/2, 1/4 or 1/8 scale that is still at least this
+# size, which leaves enough pixels for the 224 px classifier and the face cascade.
+DRAFT_MIN_SIZE = (person.DETECT_MAX_SIDE, person.DETECT_MAX_SIDE)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The ONNX model or the face cascade has not been built into the model folder."""
+
+
+@dataclass(frozen=True)
+class _Detector:
+    session: object
+    cascade: person.FaceCascade
+    label_names: list[str]
+    # (1000, label_count) 0/1 matrix: class i adds into label j when entry (i, j) is 1.
+    class_to_label: np.ndarray
+    parents: dict[str, list[str]]
+    categories: dict[str, str]
+
+
+_detector: _Detector | None = None
+_detector_lock = threading.Lock()
+
+
+def model_dir() -> Path:
+    """Return the folder the model files are read from."""
+    return Path(os.environ.get(MODEL_DIR_ENV) or DEFAULT_MODEL_DIR)
+
+
+def _load_label_table() -> tuple[list[str], np.ndarray, dict[str, list[str]], dict[str, str]]:
+    table = json.loads(LABEL_TABLE_PATH.read_text())
+    labels = table["labels"]
+    names = sorted(labels)
+    column = {name: j for j, name in enumerate(names)}
+    matrix = np.zeros((len(table["class_labels"]), len(names)), dtype=np.float32)
+    for index, class_labels in enumerate(table["class_labels"]):
+        for label in class_labels:
+            for name in (label, *labels[label]["parents"]):
+                matrix[index, column[name]] = 1.0
+    parents = {name: labels[name]["parents"] for name in names}
+    categories = {name: labels[name]["category"] for name in names}
+    return names, matrix, parents, categories
+
+
+def _load_detector() -> _Detector:
+    import onnxruntime
+
+    folder = model_dir()
+    model_path = folder / MODEL_FILENAME
+    cascade_path = folder / person.CASCADE_FILENAME
+    for path in (model_path, cascade_path):
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"Model file not found: {path}. "
+                "Build it with: python -m functions.detect.build_model "
+                f"(or set {MODEL_DIR_ENV} to the folder that contains it)"
+            )
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = INTRA_OP_THREADS
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    names, matrix, parents, categories = _load_label_table()
+    return _Detector(session, person.load_cascade(cascade_path), names, matrix, parents, categories)
+
+
+def get_detector() -> _Detector:
+    """Return the process-wide detector, loading the model on first use."""
+    global _detector
+    if _detector is None:
+        with _detector_lock:
+            if _detector is None:
+                _detector = _load_detector()
+    return _detector
+
+
+def draft_for_model(image: Image.Image) -> None:
+    """Ask a not yet loaded JPEG to decode at the smallest scale the detector still needs.
+
+    A 4000 x 3000 JPEG then decodes at 1/8 scale, several times faster than in full. Other
+    formats and already loaded images are left as they are.
+    """
+    if not isinstance(image, JpegImagePlugin.JpegImageFile):
+        return
+    # A loaded image has its pixels already, and draft() would only change its metadata.
+    if getattr(image, "im", None) is not None:
+        return
+    width, height = image.size
+    scale = max(DRAFT_MIN_SIZE[0] / width, DRAFT_MIN_SIZE[1] / height)
+    if scale >= 1.0:
+        return
+    image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on white so transparent areas do not turn black, as they do in viewers.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def classify(image: Image.Image) -> np.ndarray:
+    """Return the 1000 ImageNet class probabilities for an RGB image."""
+    detector = get_detector()
+    # The whole frame is squeezed to the input size, not centre-cropped, so subjects near the
+    # edges of a photo still count.
+    resized = image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    batch = np.asarray(resized, dtype=np.uint8)[np.newaxis]
+    (probabilities,) = detector.session.run(["probabilities"], {"image": batch})
+    return probabilities[0]
+
+
+def _label(name: str, confidence: float, detector: _Detector, instances: list[dict]) -> dict:
+    return {
+        "Name": name,
+        "Confidence": round(confidence, 3),
+        "Parents": [{"Name": parent} for parent in detector.parents.get(name, [])],
+        "Categories": [{"Name": detector.categories.get(name, "Person Description")}],
+        "Instances": instances,
+    }
+
+
+def detect_labels(
+    image: Image.Image, *, max_labels: int = 10, min_confidence: float = 55.0
+) -> list[dict]:
+    """Return Rekognition-shaped labels for ``image``, best first.
+
+    Each label is ``{"Name", "Confidence" (0-100), "Parents": [{"Name"}], "Categories":
+    [{"Name"}], "Instances": [...]}``. Parents are also returned as labels of their own, with at
+    least their best child's confidence. Only "Person" has instances, one per detected face.
+    """
+    if max_labels < 1:
+        raise ValueError(f"max_labels must be at least 1, got {max_labels}")
+    if not 0.0 <= min_confidence <= 100.0:
+        raise ValueError(f"min_confidence must be between 0 and 100, got {min_confidence}")
+
+    detector = get_detector()
+    rgb = _to_rgb(image)
+    probabilities = classify(rgb)
+    confidences = 100.0 * (probabilities @ detector.class_to_label)
+    scores = {
+        name: float(confidence)
+        for name, confidence in zip(detector.label_names, confidences, strict=True)
+    }
+
+    faces = person.detect_faces(detector.cascade, rgb)
+    if faces:
+        face_confidence = max(face["Confidence"] for face in faces)
+        scores["Person"] = max(scores.get("Person", 0.0), face_confidence)
+
+    ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+    labels = []
+    for name, confidence in ranked:
+        if confidence < min_confidence or len(labels) >= max_labels:
+            break
+        instances = faces if name == "Person" else []
+        labels.append(_label(name, min(confidence, 100.0), detector, instances))
+    return labels
