@@ -10,7 +10,7 @@ from functions.common.events import SourceObject, parse_event
 from functions.common.imaging import ImageLimits, open_image
 from functions.common.observability import logger, metrics, timed_stage
 from functions.common.s3io import read_source
-from functions.detect.labels import trim_labels
+from functions.detect.label_shape import trim_labels
 from functions.detect.settings import DetectSettings, load_settings
 
 __all__ = ["handler", "detect"]
