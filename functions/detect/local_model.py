@@ -116,8 +116,8 @@ def draft_for_model(image: Image.Image) -> None:
     """
     if not isinstance(image, JpegImagePlugin.JpegImageFile):
         return
-    # A loaded image has its pixels already, and draft() would only change its metadata.
-    if getattr(image, "im", None) is not None:
+    # Pillow empties ``tile`` once the pixels are decoded, and then draft() has no effect.
+    if not image.tile:
         return
     width, height = image.size
     scale = max(DRAFT_MIN_SIZE[0] / width, DRAFT_MIN_SIZE[1] / height)
@@ -187,11 +187,40 @@ def detect_labels(
         face_confidence = max(face["Confidence"] for face in faces)
         scores["Person"] = max(scores.get("Person", 0.0), face_confidence)
 
-    ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
     labels = []
-    for name, confidence in ranked:
+    for name in _rank_specific_first(scores, detector.parents):
+        confidence = scores[name]
         if confidence < min_confidence or len(labels) >= max_labels:
             break
         instances = faces if name == "Person" else []
         labels.append(_label(name, min(confidence, 100.0), detector, instances))
     return labels
+
+
+# A child label is listed before its parent when it has at least this share of the parent's
+# confidence, so a cat photo lists "Cat" before "Mammal" and "Animal" as Rekognition does.
+CHILD_FIRST_RATIO = 0.9
+
+
+def _rank_specific_first(scores: dict[str, float], parents: dict[str, list[str]]) -> list[str]:
+    """Return label names by confidence, moving near-equal descendants ahead of ancestors."""
+    by_confidence = sorted(scores, key=lambda name: (-scores[name], name))
+    emitted: set[str] = set()
+    order: list[str] = []
+    for name in by_confidence:
+        if name in emitted:
+            continue
+        threshold = CHILD_FIRST_RATIO * scores[name]
+        close_descendants = [
+            other
+            for other in by_confidence
+            if other not in emitted
+            and name in parents.get(other, [])
+            and scores[other] >= threshold
+        ]
+        # Deeper labels are more specific: "Cat" (three ancestors) before "Pet" (one).
+        close_descendants.sort(key=lambda other: (-len(parents.get(other, [])), -scores[other]))
+        for other in [*close_descendants, name]:
+            emitted.add(other)
+            order.append(other)
+    return order
