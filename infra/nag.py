@@ -1,0 +1,130 @@
+"""Reviewed cdk-nag AwsSolutions findings of the labelmark stack, each with its reason.
+
+cdk-nag 3 runs as a CDK policy validation plugin: an unacknowledged finding fails synthesis.
+Each finding is acknowledged on the construct it names, by its full id, so a new wildcard or a
+new resource still fails until someone reviews it here.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Acknowledgment, CfnElement, Stack, Validations
+from constructs import IConstruct
+
+from infra.settings import FAILURE_PREFIX, STAGING_PREFIX
+from infra.stack import LabelmarkStack
+
+__all__ = ["suppress_reviewed_findings"]
+
+_PLUGIN = "AwsSolutions::"
+
+_S3_READ_REASON = (
+    "Bucket.grant_read() grants the s3:GetObject*, s3:GetBucket* and s3:List* action groups "
+    "on one bucket and its objects. The groups contain only read actions, and the stage reads "
+    "objects whose keys come from each event, so the grant cannot name single keys."
+)
+_S3_WRITE_REASON = (
+    "Bucket.grant_put() and grant_delete() grant the s3:Abort*, s3:PutObject* and "
+    "s3:DeleteObject* groups on one key prefix of the processed bucket. Keys under the prefix "
+    "are derived from each upload, so the grant cannot name single keys."
+)
+_XRAY_REASON = (
+    "Active X-Ray tracing needs xray:PutTraceSegments and xray:PutTelemetryRecords, which "
+    "support no resource-level permissions, so their resource is '*'."
+)
+
+
+def suppress_reviewed_findings(stack: LabelmarkStack) -> None:
+    """Acknowledge the AwsSolutions findings that were reviewed and accepted for STACK."""
+    _acknowledge_functions(stack)
+    _acknowledge_state_machine(stack)
+
+    _acknowledge(
+        stack.dead_letter_queue,
+        "AwsSolutions-SQS3",
+        "This queue is the trigger rule's dead-letter queue. Nothing consumes it "
+        "automatically, and its alarm reports every message, so it needs no queue of its own.",
+    )
+    _acknowledge(
+        stack.operator_policy,
+        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:states:<AWS::Region>:"
+        f"<AWS::AccountId>:execution:<{_logical_id(stack, stack.state_machine)}.Name>:*]",
+        "Operators redrive and inspect executions of this one state machine, whose "
+        "execution names are generated per upload, so the ARN ends in a wildcard.",
+    )
+
+
+def _acknowledge_functions(stack: LabelmarkStack) -> None:
+    source = _logical_id(stack, stack.source_bucket)
+    processed = _logical_id(stack, stack.processed_bucket)
+    output_prefix = stack.settings.output_prefix
+
+    for function in (stack.detect_function, stack.watermark_function, stack.store_function):
+        _acknowledge(
+            function,
+            "AwsSolutions-L1",
+            "The functions run on Python 3.12 on purpose: the bundled wheels are built for "
+            "CPython 3.12, and moving to a newer runtime is a separate, tested upgrade.",
+        )
+        reason = _XRAY_REASON
+        if function is stack.detect_function:
+            reason += " The same holds for rekognition:DetectLabels."
+        _acknowledge(function.role, "AwsSolutions-IAM5[Resource::*]", reason)
+        for action in ("s3:GetBucket*", "s3:GetObject*", "s3:List*"):
+            _acknowledge(function.role, f"AwsSolutions-IAM5[Action::{action}]", _S3_READ_REASON)
+
+    for function in (stack.detect_function, stack.watermark_function):
+        _acknowledge(
+            function.role, f"AwsSolutions-IAM5[Resource::<{source}.Arn>/*]", _S3_READ_REASON
+        )
+    staging = f"AwsSolutions-IAM5[Resource::<{processed}.Arn>/{STAGING_PREFIX}*]"
+    for function in (stack.watermark_function, stack.store_function):
+        _acknowledge(function.role, "AwsSolutions-IAM5[Action::s3:Abort*]", _S3_WRITE_REASON)
+        _acknowledge(function.role, staging, _S3_WRITE_REASON)
+
+    _acknowledge(
+        stack.store_function.role, "AwsSolutions-IAM5[Action::s3:DeleteObject*]", _S3_WRITE_REASON
+    )
+    _acknowledge(
+        stack.store_function.role,
+        f"AwsSolutions-IAM5[Resource::<{processed}.Arn>/{output_prefix}*]",
+        "The store stage publishes every image and its labels file under the output prefix, "
+        "with keys derived from the source keys.",
+    )
+
+
+def _acknowledge_state_machine(stack: LabelmarkStack) -> None:
+    role = stack.state_machine.role
+    _acknowledge(
+        role,
+        "AwsSolutions-IAM5[Resource::*]",
+        "X-Ray tracing and log delivery to CloudWatch Logs need actions that support no "
+        "resource-level permissions (xray:PutTraceSegments, logs:CreateLogDelivery and "
+        "related), so their resource is '*'.",
+    )
+    for function in (stack.detect_function, stack.watermark_function, stack.store_function):
+        _acknowledge(
+            role,
+            f"AwsSolutions-IAM5[Resource::<{_logical_id(stack, function)}.Arn>:*]",
+            "Function.grant_invoke() also allows the function's versions and aliases "
+            "(ARN:*), so a workflow that invokes a published version keeps working.",
+        )
+    processed = _logical_id(stack, stack.processed_bucket)
+    _acknowledge(
+        role,
+        f"AwsSolutions-IAM5[Resource::<{processed}.Arn>/{FAILURE_PREFIX}*]",
+        "The RecordFailure state writes one record per failed execution under this prefix, "
+        "named after the execution.",
+    )
+
+
+def _acknowledge(construct: IConstruct | None, rule: str, reason: str) -> None:
+    if construct is None:
+        raise ValueError(f"Cannot acknowledge {rule}: the construct does not exist.")
+    Validations.of(construct).acknowledge(Acknowledgment(id=_PLUGIN + rule, reason=reason))
+
+
+def _logical_id(stack: Stack, construct: IConstruct) -> str:
+    element = construct.node.default_child
+    if not isinstance(element, CfnElement):
+        raise TypeError(f"{construct.node.path} has no CloudFormation resource.")
+    return str(stack.resolve(stack.get_logical_id(element)))
