@@ -172,7 +172,7 @@ def load_legacy_state_dict(path: Path) -> dict[str, np.ndarray]:
             (numel,) = struct.unpack("<q", file.read(8))
             if numel != storage.numel:
                 raise WeightsFormatError(
-                    f"storage {key} holds {numel} elements, the state dict expects {storage.numel}"
+                    f"storage {key} contains {numel} elements, the state dict expects {storage.numel}"
                 )
             raw = file.read(numel * storage.dtype.itemsize)
             if len(raw) != numel * storage.dtype.itemsize:
