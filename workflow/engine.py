@@ -19,6 +19,7 @@ from typing import Any
 
 from workflow import DEFINITION_PATH
 from workflow.dispatch import FaultHook, LambdaDispatcher, function_arn, install_dispatch
+from workflow.fastparse import install_parse_cache
 
 __all__ = [
     "EngineConfig",
@@ -115,6 +116,7 @@ class LocalEngine:
         self.dispatcher = LambdaDispatcher(region=REGION, fault_hook=fault_hook)
         self._mock: Any = None
         self._uninstall: Any = None
+        self._uninstall_parse_cache: Any = None
         self._saved_env: dict[str, str | None] = {}
         self.state_machine_arn = ""
         self._lock = threading.Lock()
@@ -152,6 +154,7 @@ class LocalEngine:
 
         reset_clients()
         self._uninstall = install_dispatch(self.dispatcher)
+        self._uninstall_parse_cache = install_parse_cache()
 
         s3 = self.s3
         for bucket in (self.config.source_bucket, self.config.processed_bucket):
@@ -163,6 +166,9 @@ class LocalEngine:
         if self._uninstall:
             self._uninstall()
             self._uninstall = None
+        if self._uninstall_parse_cache:
+            self._uninstall_parse_cache()
+            self._uninstall_parse_cache = None
         self.dispatcher.shutdown()
         if self._mock is not None:
             self._mock.stop()
