@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from functions.common.labels import headline_names
 from workflow.engine import LocalEngine, RunResult
 from workflow.localfiles import write_object
 
@@ -115,7 +116,7 @@ def _outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Path) ->
         sidecar = engine.get_bytes(output["bucket"], output["sidecarKey"])
         image_file = write_object(out_dir, output["key"], image)
         write_object(out_dir, output["sidecarKey"], sidecar)
-        labels = [label["Name"] for label in json.loads(sidecar)["labels"]]
+        labels = headline_names(json.loads(sidecar)["labels"], count=3)
         return ImageOutcome(key, "SUCCEEDED", result.name, labels=labels, output_file=image_file)
 
     return _failed_outcome(engine, key, result, out_dir)

@@ -7,6 +7,7 @@ from typing import Any
 from functions.common.events import SourceObject
 from functions.common.imaging import ImageLimits, load_pixels, open_image
 from functions.common.keys import staging_key
+from functions.common.labels import headline_names
 from functions.common.observability import logger, metrics, timed_stage
 from functions.common.s3io import check_buckets_differ, put_object, read_source
 from functions.watermark.render import RenderOptions, render, watermark_text
@@ -32,7 +33,7 @@ def watermark(source: SourceObject, labels: list[dict[str, Any]], settings: Wate
     image = open_image(data, source.key, ImageLimits(settings.max_pixels, settings.max_bytes))
     load_pixels(image, source.key)
 
-    text = watermark_text([str(label["Name"]) for label in labels], settings.label_count)
+    text = watermark_text(headline_names(labels, settings.label_count), settings.label_count)
     options = RenderOptions(
         jpeg_quality=settings.jpeg_quality,
         keep_private_metadata=settings.keep_private_metadata,

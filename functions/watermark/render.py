@@ -36,6 +36,10 @@ _EXIF_IFD = 0x8769
 _PRIVATE_IFD0_TAGS = (0x010F, 0x0110, 0x013B, 0xC62F)  # Make, Model, Artist, CameraSerialNumber
 _PRIVATE_EXIF_TAGS = (0x927C, 0xA430, 0xA431, 0xA433, 0xA434, 0xA435)  # MakerNote, owner, serials, lens
 
+# Tags a TIFF's first IFD may carry about the picture rather than its encoding: description,
+# Make, Model, Orientation, Software, DateTime, Artist, Copyright.
+_TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0112, 0x0131, 0x0132, 0x013B, 0x8298)
+
 _BLACK = {"RGB": (0, 0, 0), "RGBA": (0, 0, 0, 255), "L": 0, "LA": (0, 255), "CMYK": (0, 0, 0, 255)}
 _WHITE = {"RGB": (255, 255, 255), "RGBA": (255, 255, 255, 255), "L": 255, "LA": (255, 255), "CMYK": (0, 0, 0, 0)}
 
@@ -74,24 +78,39 @@ def watermark_text(names: list[str], max_names: int = 3) -> str:
 
 
 def render(image: Image.Image, text: str, options: RenderOptions) -> RenderedImage:
-    """Watermark IMAGE (opened, not necessarily loaded) with TEXT and encode it in its own format."""
+    """Watermark IMAGE (opened, not necessarily loaded) with TEXT and encode it in its own format.
+
+    Every frame of an animated GIF or WebP and every page of a TIFF gets the band, and each
+    frame keeps its own duration and the animation its loop count. Other multi-frame inputs (MPO,
+    HEIC with several images) publish their primary image only.
+    """
     source_format = image.format or "PNG"
     output_format = _OUTPUT_FORMAT.get(source_format, "PNG")
     frame_count = getattr(image, "n_frames", 1) if output_format in {"GIF", "WEBP", "TIFF"} else 1
     _check_frames(image, frame_count, options)
 
     icc_profile = image.info.get("icc_profile")
-    exif = _public_exif(image, keep_private=options.keep_private_metadata)
 
+    durations: list[int] = []
     if frame_count > 1:
-        frames = [_watermark_frame(frame.copy(), text) for frame in ImageSequence.Iterator(image)]
+        frames = []
+        for frame in ImageSequence.Iterator(image):
+            # A frame's duration is known only once it is loaded, which copy() does.
+            loaded = frame.copy()
+            durations.append(int(loaded.info.get("duration", 0) or 0))
+            frames.append(_watermark_frame(loaded, text))
     else:
         frames = [_watermark_frame(image, text)]
+    # Read only now: the frames are turned upright first, and that needs the orientation tag
+    # that _public_exif removes from the shared Exif object.
+    exif = _public_exif(image, keep_private=options.keep_private_metadata, tiff=output_format == "TIFF")
 
     first = frames[0]
     save_args = _save_arguments(image, first, output_format, options, icc_profile, exif)
     if len(frames) > 1:
         save_args.update(save_all=True, append_images=frames[1:])
+        if output_format in {"GIF", "WEBP"}:
+            save_args["duration"] = durations
 
     buffer = io.BytesIO()
     first.save(buffer, format=output_format, **save_args)
@@ -205,8 +224,10 @@ def _check_frames(image: Image.Image, frame_count: int, options: RenderOptions) 
         )
 
 
-def _public_exif(image: Image.Image, *, keep_private: bool) -> bytes | None:
+def _public_exif(image: Image.Image, *, keep_private: bool, tiff: bool = False) -> bytes | None:
     exif = image.getexif()
+    if tiff:
+        exif = _tiff_descriptive_tags(exif)
     if not exif:
         return None
 
@@ -215,10 +236,27 @@ def _public_exif(image: Image.Image, *, keep_private: bool) -> bytes | None:
         exif.pop(_GPS_IFD, None)
         for tag in _PRIVATE_IFD0_TAGS:
             exif.pop(tag, None)
-        exif_ifd = exif.get_ifd(_EXIF_IFD)
-        for tag in _PRIVATE_EXIF_TAGS:
-            exif_ifd.pop(tag, None)
+        if _EXIF_IFD in exif:
+            # get_ifd returns the cached sub-IFD that tobytes() writes, so deleting from it works.
+            exif_ifd = exif.get_ifd(_EXIF_IFD)
+            for tag in _PRIVATE_EXIF_TAGS:
+                exif_ifd.pop(tag, None)
     return exif.tobytes()
+
+
+def _tiff_descriptive_tags(exif: Image.Exif) -> Image.Exif:
+    """Return only the descriptive tags of a TIFF's first IFD.
+
+    For a TIFF, getexif() returns the file's own IFD, with strip offsets, sizes and compression of
+    the source; handing those to the encoder makes libtiff reject the save.
+    """
+    # NOTE: the EXIF and GPS sub-IFDs of a TIFF are not carried over, because libtiff rejects the
+    # sub-IFD offsets that Pillow passes for them; camera settings and location are lost for TIFF.
+    kept = Image.Exif()
+    for tag in _TIFF_DESCRIPTIVE_TAGS:
+        if tag in exif:
+            kept[tag] = exif[tag]
+    return kept
 
 
 def _save_arguments(
@@ -256,7 +294,9 @@ def _save_arguments(
     elif output_format == "GIF":
         if "duration" in source.info:
             args["duration"] = source.info["duration"]
-        args["loop"] = source.info.get("loop", 0)
+        # A GIF without a loop count plays once; writing loop=0 would make it loop forever.
+        if "loop" in source.info:
+            args["loop"] = source.info["loop"]
         args["disposal"] = 2
     elif output_format == "TIFF":
         args["compression"] = "tiff_adobe_deflate"
