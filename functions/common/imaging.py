@@ -84,6 +84,10 @@ def open_image(data: bytes, key: str, limits: ImageLimits) -> Image.Image:
             f"cannot read '{key}': {image.format} is not a supported input ({_SUPPORTED_LIST})"
         )
 
+    if image.format == "WEBP":
+        # Pillow does not report whether a WebP is lossless; the watermark stage keeps it so.
+        image.info["lossless"] = _webp_is_lossless(data)
+
     width, height = image.size
     if width < 1 or height < 1:
         raise CorruptImageError(f"'{key}' has an invalid size of {width}x{height} px")
@@ -103,3 +107,19 @@ def load_pixels(image: Image.Image, key: str) -> None:
         raise CorruptImageError(
             f"cannot decode '{key}': the {image.format} data is truncated or damaged ({exc})"
         ) from exc
+
+
+def _webp_is_lossless(data: bytes) -> bool:
+    """Return True when the WebP's image data is a lossless (VP8L) chunk."""
+    # A WebP is a RIFF file: a 12-byte header, then chunks of a 4-byte type, a 4-byte little-endian
+    # size and the payload padded to an even length. Lossy data is a VP8 chunk, lossless VP8L.
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk_type = data[offset : offset + 4]
+        if chunk_type == b"VP8L":
+            return True
+        if chunk_type == b"VP8 ":
+            return False
+        size = int.from_bytes(data[offset + 4 : offset + 8], "little")
+        offset += 8 + size + (size & 1)
+    return False

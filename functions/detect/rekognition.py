@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 
 from functions.common.aws import client, translate_aws_error
 from functions.common.events import SourceObject
+from functions.common.imaging import load_pixels
 
 __all__ = ["detect_labels", "fits_rekognition", "fitted_jpeg"]
 
@@ -41,7 +42,12 @@ def fitted_jpeg(image: Image.Image) -> bytes:
     copy.thumbnail((FITTED_LONG_SIDE, FITTED_LONG_SIDE), Image.Resampling.BILINEAR)
     if min(copy.size) < MIN_SIDE:
         scale = MIN_SIDE / min(copy.size)
-        copy = copy.resize((round(copy.width * scale), round(copy.height * scale)))
+        copy = copy.resize((max(MIN_SIDE, round(copy.width * scale)), max(MIN_SIDE, round(copy.height * scale))))
+    if max(copy.size) > MAX_SIDE:
+        # Only a strip thinner than 1:125 gets here; Rekognition sees its middle part.
+        left = (copy.width - min(copy.width, MAX_SIDE)) // 2
+        top = (copy.height - min(copy.height, MAX_SIDE)) // 2
+        copy = copy.crop((left, top, left + min(copy.width, MAX_SIDE), top + min(copy.height, MAX_SIDE)))
     buffer = io.BytesIO()
     copy.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
@@ -64,6 +70,8 @@ def detect_labels(
             s3_object["Version"] = source.version_id
         request_image: dict[str, Any] = {"S3Object": s3_object}
     else:
+        # Decoding for the copy is where a truncated file shows; report it as corrupt, not OSError.
+        load_pixels(image, source.key)
         request_image = {"Bytes": fitted_jpeg(image)}
 
     try:
