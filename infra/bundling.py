@@ -128,10 +128,7 @@ class FunctionBundler:
         ):
             return False
         own = FUNCTIONS_DIR / self.name
-        for subfolder in self.exclude_subfolders:
-            if (own / subfolder) in path.parents:
-                return False
-        return True
+        return all(own / subfolder not in path.parents for subfolder in self.exclude_subfolders)
 
     def _copy_code(self, output: Path) -> None:
         for path in self.source_files():
@@ -172,4 +169,3 @@ def function_code(bundler: FunctionBundler) -> lambda_.Code:
             local=bundler,
         ),
     )
-

@@ -5,7 +5,7 @@ setting has a default, so a bare `cdk synth` produces a deployable stack.
 
 | context key                | default        | meaning                                            |
 | -------------------------- | -------------- | -------------------------------------------------- |
-| sourceBucketName           | generated      | bucket that uploads go to, e.g. my-source-images-app |
+| sourceBucketName           | generated      | upload bucket, e.g. my-source-images-app           |
 | processedBucketName        | generated      | bucket for results, e.g. my-processed-images-app   |
 | outputPrefix               | watermarked-   | key prefix of published images (OUTPUT_PREFIX)     |
 | detectorBackend            | rekognition    | "rekognition" or "local" (bundled ONNX model)      |
@@ -95,6 +95,7 @@ class StackSettings:
     @classmethod
     def from_context(cls, node: Node) -> StackSettings:
         """Build settings from the CDK context of NODE, using the defaults for absent keys."""
+
         def get(key: str, default: Any) -> Any:
             value = node.try_get_context(key)
             return default if value is None or value == "" else value
@@ -110,26 +111,18 @@ class StackSettings:
             output_prefix=_string(node.try_get_context("outputPrefix"), cls.output_prefix),
             detector_backend=str(get("detectorBackend", cls.detector_backend)).lower(),
             max_labels=_integer("maxLabels", get("maxLabels", cls.max_labels)),
-            min_confidence=_number(
-                "minConfidence", get("minConfidence", cls.min_confidence)
-            ),
-            excluded_labels=_string(
-                node.try_get_context("excludedLabels"), cls.excluded_labels
-            ),
+            min_confidence=_number("minConfidence", get("minConfidence", cls.min_confidence)),
+            excluded_labels=_string(node.try_get_context("excludedLabels"), cls.excluded_labels),
             max_pixels=_integer("maxPixels", get("maxPixels", cls.max_pixels)),
             log_level=str(get("logLevel", cls.log_level)).upper(),
             workflow_type=str(get("workflowType", cls.workflow_type)).upper(),
-            workflow_log_level=str(
-                get("workflowLogLevel", cls.workflow_log_level)
-            ).upper(),
+            workflow_log_level=str(get("workflowLogLevel", cls.workflow_log_level)).upper(),
             workflow_log_execution_data=_boolean(
                 "workflowLogExecutionData",
                 get("workflowLogExecutionData", cls.workflow_log_execution_data),
             ),
             detect_reserved_concurrency=(
-                None
-                if concurrency is None
-                else _integer("detectReservedConcurrency", concurrency)
+                None if concurrency is None else _integer("detectReservedConcurrency", concurrency)
             ),
             alarm_email=get("alarmEmail", None),
             install_dependencies=_boolean(

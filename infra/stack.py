@@ -499,4 +499,3 @@ class LabelmarkStack(Stack):
         )
         CfnOutput(self, "OperatorPolicyArn", value=self.operator_policy.managed_policy_arn)
         CfnOutput(self, "AlarmTopicArn", value=self.alarm_topic.topic_arn)
-
