@@ -15,10 +15,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workflow import DEFINITION_PATH
 from workflow.dispatch import FaultHook, LambdaDispatcher, function_arn, install_dispatch
+
+if TYPE_CHECKING:
+    from workflow.records import Recorder
 from workflow.fastparse import install_parse_cache
 
 __all__ = [
@@ -111,8 +114,16 @@ class LocalEngine:
     machine; leaving stops them and forgets everything they held.
     """
 
-    def __init__(self, config: EngineConfig | None = None, *, fault_hook: FaultHook | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        fault_hook: FaultHook | None = None,
+        recorder: Recorder | None = None,
+    ) -> None:
         self.config = config or EngineConfig()
+        # Copies uploads and executions into the state folder while they run (workflow.records).
+        self.recorder = recorder
         self.dispatcher = LambdaDispatcher(region=REGION, fault_hook=fault_hook)
         self._mock: Any = None
         self._uninstall: Any = None
@@ -160,9 +171,13 @@ class LocalEngine:
         for bucket in (self.config.source_bucket, self.config.processed_bucket):
             s3.create_bucket(Bucket=bucket)
         self.state_machine_arn = self._create_state_machine()
+        if self.recorder is not None:
+            self.recorder.attach(self)
 
     def stop(self) -> None:
         """Stop the mocks, restore the environment and drop every object and execution."""
+        if self.recorder is not None and self._mock is not None:
+            self.recorder.detach()
         if self._uninstall:
             self._uninstall()
             self._uninstall = None
@@ -200,6 +215,8 @@ class LocalEngine:
 
         response = self.s3.put_object(Bucket=self.config.source_bucket, Key=key, Body=body, **extra)
         etag = str(response["ETag"]).strip('"')
+        if self.recorder is not None:
+            self.recorder.on_upload(self.config.source_bucket, key, etag, body)
         return object_created_event(
             self.config.source_bucket,
             encode_key(key),
@@ -219,6 +236,8 @@ class LocalEngine:
         response = self.sfn.start_execution(
             stateMachineArn=self.state_machine_arn, name=name, input=json.dumps(event)
         )
+        if self.recorder is not None:
+            self.recorder.on_start(str(response["executionArn"]), name, event)
         return str(response["executionArn"])
 
     @staticmethod

@@ -1,0 +1,195 @@
+"""Replay failed local runs, resuming at the failed stage when the earlier results still hold.
+
+Step Functions' RedriveExecution continues a failed execution at the state that failed, with that
+state's input. The local engine (moto) has no redrive, and the Amazon States Language has no
+"start at" parameter, so a local redrive works like this: the definition is read back from the
+engine's state machine, a copy with `StartAt` set to the failed state is registered under the name
+`<state machine>-from-<state>`, and the replay starts there with the input the failed state got,
+which already carries the earlier states' results. No second copy of the definition is kept in
+the repository: the variant is derived at run time from `workflow/pipeline.asl.json`.
+
+Earlier results are reused only when they still hold: Detect's output when the source object's
+ETag is the one the run read, and Watermark's output only when its staging object still exists.
+Otherwise the replay starts over with the original input. Each replay is a new execution named
+`<first attempt>-r<n>` and recorded with `replay_of` set to the run it replays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from workflow.engine import LocalEngine, RunResult
+from workflow.records import FAILED_STATUSES, ExecutionRecord, ExecutionStore, failed_task_state
+
+__all__ = ["ReplayError", "ReplayPlan", "plan_replay", "replay", "replay_candidates", "derive_definition"]
+
+_NAME_MAX = 80
+
+
+class ReplayError(Exception):
+    """A run cannot be replayed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What a replay of one failed run will do."""
+
+    original: ExecutionRecord
+    name: str
+    attempt: int
+    resume_from: str | None  # None: start over from the first state
+    input: dict[str, Any]
+    reason: str
+
+    def describe(self) -> str:
+        """Return one line: which run, under which name, from where and why."""
+        start = f"from {self.resume_from}" if self.resume_from else "from the start"
+        return f"{self.original.name} -> {self.name} {start} ({self.reason})"
+
+
+def derive_definition(definition: str, start_at: str) -> str:
+    """Return DEFINITION with StartAt set to START_AT, which must be one of its states."""
+    document = json.loads(definition)
+    if start_at not in document.get("States", {}):
+        raise ReplayError(f"state {start_at!r} is not in the state machine; cannot resume there")
+    document["StartAt"] = start_at
+    return json.dumps(document)
+
+
+def replay_candidates(store: ExecutionStore, since: Any = None) -> list[ExecutionRecord]:
+    """Return the failed runs to replay: per replay chain, its latest attempt when that failed."""
+    candidates: list[ExecutionRecord] = []
+    seen_roots: set[str] = set()
+    for record in store.list(since=since):
+        root = store.root_of(record.name)
+        if root in seen_roots:
+            continue
+        seen_roots.add(root)
+        latest = store.attempts(root)[-1]
+        if latest.status in FAILED_STATUSES:
+            candidates.append(latest)
+    candidates.reverse()
+    return candidates
+
+
+def plan_replay(engine: LocalEngine, store: ExecutionStore, name: str) -> ReplayPlan:
+    """Decide where a replay of NAME starts, putting its source object back in place if needed."""
+    record = store.get(name)
+    if record is None:
+        raise ReplayError(f"no execution named {name!r} in {store.state_dir}; list them with 'labelmark executions'")
+    if record.status not in FAILED_STATUSES:
+        raise ReplayError(f"execution {name!r} is {record.status}; only FAILED, TIMED_OUT and ABORTED runs are replayed")
+
+    _restore_source(engine, store, record)
+    root = store.root_of(name)
+    attempt = len(store.attempts(root)) + 1
+    suffix = f"-r{attempt}"
+    new_name = root[: _NAME_MAX - len(suffix)] + suffix
+
+    first_input = store.attempts(root)[0].input if record.resumed_from else record.input
+    failed = failed_task_state(store.events(name))
+    if failed is None or failed.input is None:
+        return ReplayPlan(record, new_name, attempt, None, first_input, "no failed stage recorded")
+    if failed.name == "Store":
+        staged = _stage_input(store, name, "Store")
+        if staged is not None and _staging_exists(engine, staged):
+            return ReplayPlan(record, new_name, attempt, "Store", staged, "Detect and Watermark results reused")
+        failed_name = "Watermark"
+    else:
+        failed_name = failed.name
+    if failed_name == "Watermark":
+        watermark_input = _stage_input(store, name, "Watermark")
+        if watermark_input is not None and "detect" in watermark_input:
+            return ReplayPlan(
+                record, new_name, attempt, "Watermark", watermark_input, "Detect result reused, source ETag unchanged"
+            )
+    return ReplayPlan(record, new_name, attempt, None, first_input, f"failed at {failed.name}")
+
+
+def replay(engine: LocalEngine, store: ExecutionStore, name: str, *, timeout: float = 600.0) -> tuple[ReplayPlan, RunResult]:
+    """Replay the failed run NAME on ENGINE, record it as a new attempt and wait for its end."""
+    plan = plan_replay(engine, store, name)
+    state_machine_arn = engine.state_machine_arn
+    if plan.resume_from is not None:
+        state_machine_arn = _redrive_state_machine(engine, plan.resume_from)
+
+    response = engine.sfn.start_execution(
+        stateMachineArn=state_machine_arn, name=plan.name, input=json.dumps(plan.input)
+    )
+    arn = str(response["executionArn"])
+    if engine.recorder is not None:
+        engine.recorder.on_start(
+            arn,
+            plan.name,
+            plan.input,
+            state_machine_arn=state_machine_arn,
+            replay_of=plan.original.name,
+            attempt=plan.attempt,
+            resumed_from=plan.resume_from,
+            source_sha256=plan.original.source_sha256,
+        )
+    result = engine.wait(arn, timeout=timeout)
+    if engine.recorder is not None:
+        engine.recorder.sync(plan.name)
+    return plan, result
+
+
+def _stage_input(store: ExecutionStore, name: str, state: str) -> dict[str, Any] | None:
+    visits = [event for event in store.events(name) if event.type.endswith("StateEntered") and event.state == state]
+    if not visits:
+        return None
+    parsed = json.loads(visits[-1].details.get("input") or "null")
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _staging_exists(engine: LocalEngine, stage_input: dict[str, Any]) -> bool:
+    staged = (stage_input.get("watermark") or {}).get("staged") or {}
+    if not staged.get("bucket") or not staged.get("key"):
+        return False
+    try:
+        engine.s3.head_object(Bucket=staged["bucket"], Key=staged["key"])
+    except engine.s3.exceptions.ClientError:
+        return False
+    return True
+
+
+def _restore_source(engine: LocalEngine, store: ExecutionStore, record: ExecutionRecord) -> None:
+    """Make sure the source object is the version the run read; upload the kept bytes if it is gone."""
+    if not record.source_bucket or not record.source_key:
+        return
+    s3 = engine.s3
+    try:
+        current = str(s3.head_object(Bucket=record.source_bucket, Key=record.source_key)["ETag"]).strip('"')
+    except s3.exceptions.ClientError:
+        current = None
+    if current is None:
+        body = store.read_blob(record.source_sha256) if record.source_sha256 else None
+        if body is None:
+            raise ReplayError(
+                f"cannot replay {record.name!r}: s3://{record.source_bucket}/{record.source_key} is gone and "
+                f"its bytes were not kept in {store.state_dir / 'objects'}; upload it again instead"
+            )
+        current = str(s3.put_object(Bucket=record.source_bucket, Key=record.source_key, Body=body)["ETag"]).strip('"')
+    if record.source_etag and current != record.source_etag.strip('"'):
+        raise ReplayError(
+            f"cannot replay {record.name!r}: s3://{record.source_bucket}/{record.source_key} changed since the run "
+            f"(ETag {record.source_etag} is now {current}); the new upload has a run of its own"
+        )
+
+
+def _redrive_state_machine(engine: LocalEngine, state: str) -> str:
+    sfn = engine.sfn
+    name = f"{engine.config.state_machine_name}-from-{state}"
+    for page in sfn.get_paginator("list_state_machines").paginate():
+        for machine in page["stateMachines"]:
+            if machine["name"] == name:
+                return str(machine["stateMachineArn"])
+    definition = sfn.describe_state_machine(stateMachineArn=engine.state_machine_arn)["definition"]
+    response = sfn.create_state_machine(
+        name=name,
+        definition=derive_definition(definition, state),
+        roleArn="arn:aws:iam::123456789012:role/labelmark-local",
+    )
+    return str(response["stateMachineArn"])
