@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from workflow.engine import EngineConfig, LocalEngine
 # moto's interpreter logs each caught task failure with a dump of the whole state; tests assert on
 # history events and failure records instead.
 logging.getLogger("moto").setLevel(logging.CRITICAL)
+
+# A handler thread that outlives its test (a simulated Lambda timeout) would otherwise print its
+# metrics after the test restored the environment.
+os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,122 @@
+"""`labelmark run` end to end with the offline model, as a newcomer first runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageStat
+
+from functions.detect.local_model import model_dir
+from workflow.cli import main
+from workflow.samples import write_samples
+
+pytestmark = pytest.mark.skipif(
+    not (model_dir() / "efficientnet_lite0.onnx").exists(),
+    reason="offline model not built; `make setup` runs python -m functions.detect.build_model",
+)
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """Run `labelmark run samples` once for the module and return the result and output folder."""
+    root = tmp_path_factory.mktemp("run")
+    samples = root / "samples"
+    write_samples(samples)
+    out = root / "processed"
+    result = CliRunner().invoke(main, ["run", str(samples), "--out", str(out), "--workers", "2"])
+    return result, out
+
+
+def test_run_samples_exits_zero(sample_run: tuple) -> None:
+    result, _ = sample_run
+    assert result.exit_code == 0, result.output
+    assert "7 images" in result.output
+    assert "7 succeeded, 0 skipped, 0 failed" in result.output
+
+
+@pytest.mark.parametrize(
+    ("file", "expected"),
+    [
+        ("chelsea.png", "Cat"),  # tabby cat, scikit-image's "chelsea"
+        ("phone/IMG 0001 sideways cat.jpg", "Cat"),  # same cat stored sideways with EXIF orientation 6
+        ("coffee.png", "Cup"),  # a cup of coffee on a saucer
+        ("astronaut.png", "Person"),  # portrait of Eileen Collins
+        ("phone/coffee.heic", "Cup"),  # HEIC as phones save it
+    ],
+)
+def test_run_sidecar_names_what_is_in_photo(sample_run: tuple, file: str, expected: str) -> None:
+    _, out = sample_run
+    sidecar = json.loads((out / f"watermarked-samples/{file}.labels.json").read_text(encoding="utf-8"))
+
+    names = [label["Name"] for label in sidecar["labels"]]
+    assert any(expected in name for name in names), names
+    assert expected in sidecar["image"]["text"]
+
+
+def test_run_output_of_sideways_photo_is_upright(sample_run: tuple) -> None:
+    _, out = sample_run
+    with Image.open(out / "watermarked-samples/phone/IMG 0001 sideways cat.jpg") as image:
+        size = image.size
+        orientation = image.getexif().get(0x0112)
+
+    assert size == (451, 300)  # the upright chelsea photo is landscape
+    assert orientation is None
+
+
+def test_run_output_has_darker_band_at_bottom(sample_run: tuple) -> None:
+    _, out = sample_run
+    with Image.open(out / "watermarked-samples/chelsea.png") as published:
+        band = published.convert("L").crop((0, published.height - 8, published.width, published.height))
+        band_mean = ImageStat.Stat(band).mean[0]
+    with Image.open(_skimage("chelsea.png")) as original:
+        strip = original.convert("L").crop((0, original.height - 8, original.width, original.height))
+        original_mean = ImageStat.Stat(strip).mean[0]
+
+    assert band_mean < original_mean * 0.7
+
+
+def test_run_line_per_image_names_execution(sample_run: tuple) -> None:
+    result, _ = sample_run
+    lines = [line for line in result.output.splitlines() if line.startswith("SUCCEEDED")]
+    assert len(lines) == 7
+    assert any("samples/chelsea.png" in line and "Cat" in line for line in lines)
+    assert all(line.rstrip().endswith(")") for line in lines)
+
+
+def test_run_failure_exits_one_with_record(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "notes.jpg").write_text("this is not a picture", encoding="utf-8")
+    out = tmp_path / "out"
+
+    result = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+
+    assert result.exit_code == 1
+    assert "FAILED" in result.output
+    assert "Detect: UnsupportedImageError: cannot read 'photos/notes.jpg'" in result.output
+    records = list((out / "labelmark-failures").glob("*.json"))
+    assert len(records) == 1
+    assert json.loads(records[0].read_text(encoding="utf-8"))["failedState"] == "Detect"
+
+
+def test_run_missing_path_is_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "nope")])
+
+    assert result.exit_code == 2
+    assert f"input '{tmp_path / 'nope'}' does not exist" in result.output
+
+
+def test_every_command_has_help_with_example() -> None:
+    for name, command in main.commands.items():
+        result = CliRunner().invoke(main, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Example" in (command.help or ""), name
+
+
+def _skimage(name: str) -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data" / name

@@ -1,0 +1,128 @@
+"""Each Lambda handler on its own, against moto's S3, with keys that real uploads have."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from moto import mock_aws
+
+from functions.common.aws import client, reset_clients
+from functions.common.errors import ConfigurationError, SourceNotFoundError
+from functions.common.events import encode_key
+from workflow.engine import object_created_event
+from tests.conftest import jpeg_bytes
+
+AWKWARD_KEYS = [
+    "plain.jpg",
+    "with space/holiday photo.jpg",  # arrives as with+space/holiday+photo.jpg
+    "c++ notes +1.jpg",  # a literal + arrives as %2B
+    "100% real.jpg",  # a literal % arrives as %25
+    "café/日本の猫 🐱.jpg",  # accents, CJK and emoji
+    "a/b/c/d/e/f/g/deep.jpg",  # deep prefix
+    "time 12:30 [draft] (1).jpg",  # colons and brackets
+]
+
+
+class _Context:
+    function_name = "test"
+    function_version = "$LATEST"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:test"
+    memory_limit_in_mb = 512
+    aws_request_id = "request"
+
+    @staticmethod
+    def get_remaining_time_in_millis() -> int:
+        return 30_000
+
+
+@pytest.fixture
+def buckets(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.setenv("PROCESSED_BUCKET", "out-bucket")
+    monkeypatch.setenv("DETECTOR_BACKEND", "rekognition")
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")
+    with mock_aws():
+        reset_clients()
+        s3 = client("s3")
+        s3.create_bucket(Bucket="in-bucket")
+        s3.create_bucket(Bucket="out-bucket")
+        yield s3
+    reset_clients()
+
+
+def _upload(s3: Any, key: str) -> dict[str, Any]:
+    body = jpeg_bytes()
+    etag = s3.put_object(Bucket="in-bucket", Key=key, Body=body)["ETag"].strip('"')
+    return object_created_event("in-bucket", encode_key(key), len(body), etag)
+
+
+@pytest.mark.parametrize("key", AWKWARD_KEYS)
+def test_handlers_publish_awkward_key_once_decoded(buckets: Any, key: str) -> None:
+    from functions.detect.handler import handler as detect
+    from functions.store.handler import handler as store
+    from functions.watermark.handler import handler as watermark
+
+    # GIVEN an event whose key is URL-encoded as S3 sends it
+    event = _upload(buckets, key)
+
+    # WHEN the three handlers run in order, as the state machine calls them
+    detected = detect({"event": event, "execution": "e"}, _Context())
+    staged = watermark({"source": detected["source"], "labels": detected["labels"], "execution": "e"}, _Context())
+    stored = store({**detected, **staged, "execution": "e"}, _Context())
+
+    # THEN the key was decoded exactly once and the output derives from the decoded key
+    assert detected["source"]["key"] == key
+    assert stored["output"]["key"] == f"watermarked-{key}"
+    keys = [item["Key"] for item in buckets.list_objects_v2(Bucket="out-bucket")["Contents"]]
+    assert sorted(keys) == sorted([f"watermarked-{key}", f"watermarked-{key}.labels.json"])
+
+
+def test_store_twice_is_a_no_op(buckets: Any) -> None:
+    from functions.detect.handler import handler as detect
+    from functions.store.handler import handler as store
+    from functions.watermark.handler import handler as watermark
+
+    detected = detect({"event": _upload(buckets, "x.jpg")}, _Context())
+    staged = watermark({"source": detected["source"], "labels": detected["labels"]}, _Context())
+    first = store({**detected, **staged}, _Context())
+    before = buckets.head_object(Bucket="out-bucket", Key="watermarked-x.jpg")["LastModified"]
+
+    second = store({**detected, **staged}, _Context())
+    after = buckets.head_object(Bucket="out-bucket", Key="watermarked-x.jpg")["LastModified"]
+
+    assert second == first
+    assert after == before
+
+
+def test_store_without_staged_or_published_copy_fails(buckets: Any) -> None:
+    from functions.store.handler import store
+    from functions.common.events import SourceObject
+    from functions.store.settings import StoreSettings
+
+    source = SourceObject(bucket="in-bucket", key="gone.jpg", etag="abc")
+    staged = {"bucket": "out-bucket", "key": "labelmark-staging/missing.jpg"}
+
+    with pytest.raises(SourceNotFoundError, match="staged image .* for 'gone.jpg' is gone"):
+        store(source, [], staged, StoreSettings(processed_bucket="out-bucket"))
+
+
+def test_watermark_refuses_same_source_and_processed_bucket(buckets: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from functions.watermark.handler import handler as watermark
+
+    monkeypatch.setenv("PROCESSED_BUCKET", "in-bucket")
+    event = _upload(buckets, "loop.jpg")
+    source = {"bucket": "in-bucket", "key": "loop.jpg", "etag": event["detail"]["object"]["etag"]}
+
+    with pytest.raises(ConfigurationError, match="source and processed bucket are both 'in-bucket'"):
+        watermark({"source": source, "labels": []}, _Context())
+    assert "Contents" not in buckets.list_objects_v2(Bucket="in-bucket", Prefix="labelmark-staging/")
+
+
+def test_detect_result_fits_state_payload_limit(buckets: Any) -> None:
+    from functions.detect.handler import handler as detect
+
+    result = detect({"event": _upload(buckets, "size.jpg")}, _Context())
+
+    assert len(json.dumps(result)) < 256 * 1024
