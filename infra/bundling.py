@@ -32,8 +32,8 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS_DIR = REPO_ROOT / "functions"
 
-# Exact versions keep a deployed bundle reproducible. They match the versions the test suite
-# runs with; raise them together with pyproject.toml.
+# Exact versions keep a deployed bundle reproducible. Raise them together with the lower
+# bounds in pyproject.toml.
 FUNCTION_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "detect": ("aws-lambda-powertools==3.37.0", "pillow==13.0.0", "pillow-heif==1.9.0"),
     "watermark": ("aws-lambda-powertools==3.37.0", "pillow==13.0.0", "pillow-heif==1.9.0"),
@@ -79,7 +79,7 @@ class FunctionBundler:
         self.exclude_subfolders = tuple(exclude_subfolders)
 
     def try_bundle(self, output_dir: str, options: BundlingOptions) -> bool:
-        """Fill OUTPUT_DIR with the asset; raise BundlingError instead of falling back to Docker."""
+        """Fill OUTPUT_DIR with the asset, or raise BundlingError rather than use Docker."""
         output = Path(output_dir)
         if self.install_dependencies and self.dependencies:
             self._install(output)
@@ -105,7 +105,7 @@ class FunctionBundler:
 
         A custom hash lets CDK reuse an earlier bundle of unchanged code instead of running
         pip on every synthesis, and it differs between a bundle with and without
-        dependencies, so a test build never stands in for a real one.
+        dependencies, so a test build never replaces a real one.
         """
         digest = hashlib.sha256()
         for part in (
@@ -163,8 +163,8 @@ def function_code(bundler: FunctionBundler) -> lambda_.Code:
         asset_hash=bundler.asset_hash(),
         asset_hash_type=AssetHashType.CUSTOM,
         bundling=BundlingOptions(
-            # CDK requires an image, but the local bundler always succeeds or raises, so the
-            # image is never pulled.
+            # CDK requires an image, but try_bundle() returns True or raises, so CDK never
+            # pulls it.
             image=DockerImage.from_registry("public.ecr.aws/sam/build-python3.12"),
             local=bundler,
         ),

@@ -65,7 +65,7 @@ class SettingsError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class StackSettings:
-    """Deploy-time settings of one labelmark stack; see the module docstring for the keys."""
+    """Deploy-time settings of one labelmark stack. The module docstring lists the context keys."""
 
     source_bucket_name: str | None = None
     processed_bucket_name: str | None = None

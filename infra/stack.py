@@ -61,7 +61,7 @@ class FunctionSizing:
 
 # Memory and timeout of each function. The figures come from bench/RESULTS.md, which records
 # the benchmark runs behind them.
-# NOTE: these are the initial figures; replace them when bench/RESULTS.md has measurements.
+# NOTE: these are initial estimates. Replace them when bench/RESULTS.md has measurements.
 FUNCTION_SIZING: dict[str, FunctionSizing] = {
     "detect": FunctionSizing(memory_mb=1024, timeout_seconds=30),
     "watermark": FunctionSizing(memory_mb=1769, timeout_seconds=60),
@@ -69,8 +69,8 @@ FUNCTION_SIZING: dict[str, FunctionSizing] = {
 }
 
 # EventBridge retries a failed StartExecution with backoff. After this age or this many
-# attempts the event goes to the dead-letter queue, whose alarm tells an operator, instead of
-# being retried quietly for EventBridge's default of 24 hours.
+# attempts the event goes to the dead-letter queue, whose alarm notifies an operator, instead
+# of being retried quietly for EventBridge's default of 24 hours.
 TRIGGER_MAX_EVENT_AGE = Duration.hours(6)
 TRIGGER_RETRY_ATTEMPTS = 50
 
@@ -361,7 +361,7 @@ class LabelmarkStack(Stack):
 
     def _create_trigger(self) -> None:
         # The dead-letter queue only receives events, and nothing reads it automatically, so
-        # it needs no dead-letter queue of its own. Its alarm tells an operator.
+        # it needs no dead-letter queue of its own. Its alarm notifies an operator.
         self.dead_letter_queue = sqs.Queue(
             self,
             "TriggerDeadLetterQueue",
@@ -425,7 +425,7 @@ class LabelmarkStack(Stack):
 
     def _create_alarms(self) -> None:
         # SNS encryption needs a customer managed key, because CloudWatch must be allowed to
-        # use the key to publish alarms, and the policy of the AWS managed key cannot say so.
+        # use the key to publish alarms, and the policy of an AWS managed key cannot be changed.
         self.alarm_key = kms.Key(
             self,
             "AlarmTopicKey",
