@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from workflow.batch import ImageOutcome, InputError, collect_inputs, run_batch
 from workflow.engine import EngineConfig, LocalEngine
+from workflow.records import ExecutionStore, Recorder
 
 __all__ = ["main"]
 
@@ -82,7 +83,8 @@ def run(
 
     started = time.perf_counter()
     try:
-        engine = LocalEngine(config)
+        # Recorded in the state folder (LABELMARK_STATE_DIR, default .labelmark) for 'labelmark replay'.
+        engine = LocalEngine(config, recorder=Recorder(ExecutionStore()))
         engine.start()
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -140,3 +142,11 @@ def _quiet_libraries(verbose: bool) -> None:
     # failure record and the summary line already carry what a person needs.
     logging.getLogger("moto").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO" if verbose else "CRITICAL")
+
+
+from workflow import cli_executions  # noqa: E402 - the commands register on main, defined above
+
+main.add_command(cli_executions.executions)
+main.add_command(cli_executions.show)
+main.add_command(cli_executions.replay)
+main.add_command(cli_executions.serve)

@@ -1,0 +1,273 @@
+"""`labelmark serve`: the local engine behind an S3 endpoint, and a web page of its executions.
+
+moto's ThreadedMotoServer and the engine's in-process `mock_aws` share moto's backends when they
+run in one process, so an object put through the HTTP endpoint (aws CLI, boto3) is visible to the
+engine at once. A poller lists the source bucket every POLL_INTERVAL seconds and starts one
+execution per new object version with an EventBridge `Object Created` event, the same input the
+AWS deployment gets. The page is static HTML and JavaScript over a small JSON API on a stdlib
+ThreadingHTTPServer; it polls the API, so it refreshes without a reload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from workflow.dispatch import FaultHook
+from workflow.engine import EngineConfig, LocalEngine, object_created_event
+from workflow.records import ExecutionRecord, ExecutionStore, Recorder, state_runs
+
+__all__ = ["LocalStack", "POLL_INTERVAL"]
+
+POLL_INTERVAL = 0.5
+WEB_DIR = Path(__file__).with_name("web")
+logger = logging.getLogger(__name__)
+
+
+class LocalStack:
+    """The S3 endpoint, the engine with its recorder, the upload poller and the web page."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        s3_port: int = 0,
+        web_port: int = 0,
+        config: EngineConfig | None = None,
+        fault_hook: FaultHook | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.host = host
+        self.store = ExecutionStore(state_dir)
+        self.engine = LocalEngine(self.config, fault_hook=fault_hook, recorder=Recorder(self.store))
+        self._s3_port = s3_port
+        self._web_port = web_port
+        self._moto: Any = None
+        self._web: ThreadingHTTPServer | None = None
+        self._stopped = threading.Event()
+        self._seen: set[tuple[str, str]] = set()
+        self._runs = ThreadPoolExecutor(max_workers=4, thread_name_prefix="labelmark-serve")
+        self._replay_lock = threading.Lock()
+        self.s3_url = ""
+        self.web_url = ""
+
+    def start(self) -> None:
+        """Start the engine, the S3 endpoint, the poller and the web server."""
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        logging.getLogger("moto").setLevel(logging.CRITICAL)
+        self.engine.start()
+        self._moto = ThreadedMotoServer(ip_address=self.host, port=self._s3_port, verbose=False)
+        self._moto.start()
+        s3_port = self._moto._server.server_port
+        self.s3_url = f"http://{self.host}:{s3_port}"
+
+        self._web = ThreadingHTTPServer((self.host, self._web_port), _handler_for(self))
+        self.web_url = f"http://{self.host}:{self._web.server_address[1]}/"
+        threading.Thread(target=self._web.serve_forever, name="labelmark-web", daemon=True).start()
+        threading.Thread(target=self._poll_uploads, name="labelmark-uploads", daemon=True).start()
+        logger.info("serving S3 at %s and the executions page at %s", self.s3_url, self.web_url)
+
+    def wait(self) -> None:
+        """Block until stop() is called (Ctrl-C raises KeyboardInterrupt here)."""
+        while not self._stopped.wait(0.5):
+            pass
+
+    def stop(self) -> None:
+        """Stop accepting uploads and requests, let runs finish recording, and stop the engine."""
+        self._stopped.set()
+        if self._web is not None:
+            self._web.shutdown()
+            self._web.server_close()
+        if self._moto is not None:
+            self._moto.stop()
+        self._runs.shutdown(wait=True, cancel_futures=True)
+        self.engine.stop()
+        self.store.close()
+
+    # -- uploads ---------------------------------------------------------------------------
+
+    def _poll_uploads(self) -> None:
+        while not self._stopped.wait(POLL_INTERVAL):
+            try:
+                self._start_new_runs()
+            except Exception:  # noqa: BLE001 - the next poll tries again
+                logger.exception("listing the source bucket failed; retrying in %.1f s", POLL_INTERVAL)
+
+    def _start_new_runs(self) -> None:
+        from functions.common.events import encode_key
+
+        s3 = self.engine.s3
+        bucket = self.config.source_bucket
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                etag = str(item["ETag"]).strip('"')
+                if (item["Key"], etag) in self._seen:
+                    continue
+                self._seen.add((item["Key"], etag))
+                if item["Size"] > 0:
+                    body = s3.get_object(Bucket=bucket, Key=item["Key"], IfMatch=item["ETag"])["Body"].read()
+                    self.store.record_upload(bucket, item["Key"], etag, body)
+                event = object_created_event(bucket, encode_key(item["Key"]), int(item["Size"]), etag,
+                                             sequencer=f"{item['LastModified'].timestamp():.6f}")
+                self._runs.submit(self._run, event)
+
+    def _run(self, event: dict[str, Any]) -> None:
+        try:
+            self.engine.run(event)
+        except Exception:  # noqa: BLE001 - a run that cannot start is logged, the server goes on
+            logger.exception("execution for %s failed to run", event["detail"]["object"]["key"])
+
+    # -- API -------------------------------------------------------------------------------
+
+    def replay(self, name: str) -> str:
+        """Start a replay of NAME in the background and return the new execution's name."""
+        from workflow.replay import plan_replay, replay
+
+        with self._replay_lock:
+            plan = plan_replay(self.engine, self.store, name)
+        self._runs.submit(self._replay, replay, name)
+        return plan.name
+
+    def _replay(self, replay: Any, name: str) -> None:
+        try:
+            replay(self.engine, self.store, name)
+        except Exception:  # noqa: BLE001 - the page shows the record; the log has the reason
+            logger.exception("replay of %s failed", name)
+
+    def definition(self) -> dict[str, Any]:
+        """Return the state machine definition the engine runs."""
+        text = self.engine.sfn.describe_state_machine(stateMachineArn=self.engine.state_machine_arn)["definition"]
+        return dict(json.loads(text))
+
+    def output_image(self, name: str) -> tuple[bytes, str] | None:
+        """Return the watermarked image of a succeeded run and its content type."""
+        record = self.store.get(name)
+        output = ((record.output if record else None) or {}).get("store", {}).get("output")
+        if not output:
+            return None
+        response = self.engine.s3.get_object(Bucket=output["bucket"], Key=output["key"])
+        return response["Body"].read(), str(response.get("ContentType") or "application/octet-stream")
+
+
+def summary(record: ExecutionRecord, failed_state: str | None = None) -> dict[str, Any]:
+    """Return the JSON the page lists for one execution."""
+    return {
+        "name": record.name,
+        "status": record.status,
+        "key": record.source_key,
+        "labels": record.labels,
+        "started": record.started.isoformat(),
+        "seconds": record.seconds,
+        "attempt": record.attempt,
+        "replayOf": record.replay_of,
+        "resumedFrom": record.resumed_from,
+        "error": record.error,
+        "failedState": failed_state,
+    }
+
+
+def _detail(stack: LocalStack, name: str) -> dict[str, Any] | None:
+    record = stack.store.get(name)
+    if record is None:
+        return None
+    events = stack.store.events(name)
+    runs = state_runs(events)
+    states = {run.name: run.status for run in runs}
+    return {
+        **summary(record),
+        "input": record.input,
+        "output": record.output,
+        "cause": record.cause,
+        "states": states,
+        "stateRuns": [
+            {"name": run.name, "type": run.state_type, "status": run.status, "seconds": run.seconds,
+             "retries": run.retries, "error": run.error}
+            for run in runs
+        ],
+        "events": [
+            {"id": event.event_id, "type": event.type, "timestamp": event.timestamp.isoformat(),
+             "state": event.state, "details": event.details}
+            for event in events
+        ],
+        "hasImage": bool((record.output or {}).get("store")),
+    }
+
+
+def _handler_for(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+            logger.debug("web: " + format, *args)
+
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            path = unquote(urlparse(self.path).path)
+            if path.startswith("/api/"):
+                self._api_get(path.removeprefix("/api"))
+                return
+            self._static(path)
+
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            from workflow.replay import ReplayError
+
+            path = unquote(urlparse(self.path).path)
+            parts = path.strip("/").split("/")
+            if len(parts) == 4 and parts[:2] == ["api", "executions"] and parts[3] == "replay":
+                try:
+                    new_name = stack.replay(parts[2])
+                except ReplayError as exc:
+                    self._json({"error": str(exc)}, HTTPStatus.CONFLICT)
+                    return
+                self._json({"replay": new_name}, HTTPStatus.ACCEPTED)
+                return
+            self._json({"error": f"no such endpoint: POST {path}"}, HTTPStatus.NOT_FOUND)
+
+        def _api_get(self, path: str) -> None:
+            if path == "/executions":
+                self._json({"executions": [summary(record) for record in stack.store.list()]})
+            elif path == "/definition":
+                self._json(stack.definition())
+            elif path.startswith("/executions/") and path.endswith("/image"):
+                image = stack.output_image(path.removeprefix("/executions/").removesuffix("/image"))
+                if image is None:
+                    self._json({"error": "this execution published no image"}, HTTPStatus.NOT_FOUND)
+                else:
+                    self._send(image[0], image[1])
+            elif path.startswith("/executions/"):
+                detail = _detail(stack, path.removeprefix("/executions/"))
+                if detail is None:
+                    self._json({"error": "no such execution"}, HTTPStatus.NOT_FOUND)
+                else:
+                    self._json(detail)
+            else:
+                self._json({"error": f"no such endpoint: GET /api{path}"}, HTTPStatus.NOT_FOUND)
+
+        def _static(self, path: str) -> None:
+            name = "index.html" if path in ("", "/") else path.lstrip("/")
+            file = (WEB_DIR / name).resolve()
+            if file.parent != WEB_DIR.resolve() or not file.is_file():
+                self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+                return
+            self._send(file.read_bytes(), mimetypes.guess_type(file.name)[0] or "application/octet-stream")
+
+        def _json(self, body: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
+            self._send(json.dumps(body, default=str).encode("utf-8"), "application/json", status)
+
+        def _send(self, body: bytes, content_type: str, status: HTTPStatus = HTTPStatus.OK) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
