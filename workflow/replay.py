@@ -76,6 +76,9 @@ def replay_candidates(store: ExecutionStore, since: Any = None) -> list[Executio
 
 def plan_replay(engine: LocalEngine, store: ExecutionStore, name: str) -> ReplayPlan:
     """Decide where a replay of NAME starts, putting its source object back in place if needed."""
+    if engine.recorder is not None:
+        # The run may have ended a moment ago, before the recorder's next poll copied its end.
+        engine.recorder.sync(name)
     record = store.get(name)
     if record is None:
         raise ReplayError(f"no execution named {name!r} in {store.state_dir}; list them with 'labelmark executions'")

@@ -1,0 +1,96 @@
+"""Tests of the execution store and the recorder: what a run leaves in the state folder."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+from tests.conftest import jpeg_bytes
+from workflow.engine import EngineConfig, LocalEngine
+from workflow.records import ExecutionRecord, ExecutionStore, Recorder, failed_task_state, state_runs
+
+
+class InjectedFault(Exception):
+    """A permanent error raised by the fault hook in place of a stage's handler."""
+
+
+def _fail_watermark(stage: str, event: dict) -> None:
+    if stage == "watermark":
+        raise InjectedFault("watermark disabled by the test")
+
+
+def test_store_reopen_keeps_run_and_events(tmp_path: Path) -> None:
+    # GIVEN a run that failed at Watermark, recorded into a state folder
+    store = ExecutionStore(tmp_path)
+    config = EngineConfig(detector="rekognition", real_rekognition=False)
+    with LocalEngine(config, fault_hook=_fail_watermark, recorder=Recorder(store)) as engine:
+        result = engine.run(engine.upload("photos/a b+c.jpg", jpeg_bytes()))
+    events_before = store.events(result.name)
+    store.close()
+
+    # WHEN the store is opened again, as a new process would
+    reopened = ExecutionStore(tmp_path)
+    record = reopened.get(result.name)
+
+    # THEN the run, its events and its source bytes are all there
+    assert record is not None
+    assert record.status == "FAILED"
+    assert record.error == "InjectedFault"
+    assert record.source_key == "photos/a b+c.jpg"
+    assert reopened.events(result.name) == events_before
+    assert events_before[-1].type == "ExecutionFailed"
+    assert reopened.read_blob(record.source_sha256 or "") == jpeg_bytes()
+    failed = failed_task_state(reopened.events(result.name))
+    assert failed is not None
+    assert failed.name == "Watermark"
+    assert failed.error == "InjectedFault"
+
+
+def test_state_runs_counts_retries() -> None:
+    # GIVEN the history of a task that failed once, was retried and then succeeded
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+    def at(seconds: float) -> dt.datetime:
+        return t0 + dt.timedelta(seconds=seconds)
+
+    from workflow.records import EventRecord
+
+    events = [
+        EventRecord(1, 0, "TaskStateEntered", at(0), "Detect", {"name": "Detect", "input": "{}"}),
+        EventRecord(2, 1, "TaskScheduled", at(0.1), "Detect", {"resourceType": "lambda"}),
+        EventRecord(3, 2, "TaskFailed", at(0.2), "Detect", {"error": "ThrottlingError", "cause": "slow down"}),
+        EventRecord(4, 3, "TaskScheduled", at(1.2), "Detect", {"resourceType": "lambda"}),
+        EventRecord(5, 4, "TaskSucceeded", at(1.5), "Detect", {"output": "{}"}),
+        EventRecord(6, 5, "TaskStateExited", at(1.6), "Detect", {"name": "Detect", "output": "{}"}),
+    ]
+
+    # WHEN the events are summarised
+    runs = state_runs(events)
+
+    # THEN one visit shows one retry and success
+    assert len(runs) == 1
+    assert runs[0].retries == 1
+    assert runs[0].status == "succeeded"
+    assert runs[0].error is None
+    assert runs[0].seconds == 1.6
+    assert failed_task_state(events) is None
+
+
+def test_store_marks_dead_process_runs_aborted(tmp_path: Path) -> None:
+    # GIVEN a RUNNING record left by a process that no longer exists
+    with ExecutionStore(tmp_path) as store:
+        store.add_execution(
+            ExecutionRecord("gone-1", "arn:gone-1", "arn:sm", "RUNNING", {}, dt.datetime.now(dt.UTC))
+        )
+        with store._transaction() as connection:
+            connection.execute("UPDATE executions SET owner_pid = ? WHERE name = 'gone-1'", (2**22 + os.getpid(),))
+
+        # WHEN a recorder attaches to an engine on the same folder
+        with LocalEngine(EngineConfig(detector="rekognition", real_rekognition=False), recorder=Recorder(store)):
+            record = store.get("gone-1")
+
+    # THEN the run is closed as ABORTED, with the reason
+    assert record is not None
+    assert record.status == "ABORTED"
+    assert record.error == "labelmark.EngineStopped"
