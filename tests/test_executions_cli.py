@@ -1,0 +1,130 @@
+"""Exact output and exit codes of `labelmark executions`, `show` and `replay` on a local state folder."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import jpeg_bytes
+from workflow.cli import main
+from workflow.engine import EngineConfig, LocalEngine
+from workflow.records import ExecutionRecord, ExecutionStore, Recorder
+
+T0 = dt.datetime(2026, 3, 20, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    """A state folder with one succeeded run whose timestamps are fixed."""
+    with ExecutionStore(tmp_path) as store:
+        store.add_execution(ExecutionRecord(
+            "cat.jpg-0123456789abcdef", "arn:x", "arn:sm", "RUNNING",
+            {"detail": {"bucket": {"name": "labelmark-source"}, "object": {"key": "cat.jpg"}}}, T0,
+            source_bucket="labelmark-source", source_key="cat.jpg", source_etag="e1",
+        ))
+        store.append_events("cat.jpg-0123456789abcdef", [
+            {"id": 1, "previousEventId": 0, "type": "ExecutionStarted", "timestamp": T0,
+             "executionStartedEventDetails": {"input": "{}"}},
+            {"id": 2, "previousEventId": 1, "type": "TaskStateEntered", "timestamp": T0 + dt.timedelta(seconds=0.5),
+             "stateEnteredEventDetails": {"name": "Detect", "input": "{}"}},
+            {"id": 3, "previousEventId": 2, "type": "TaskScheduled", "timestamp": T0 + dt.timedelta(seconds=0.5),
+             "taskScheduledEventDetails": {"resourceType": "lambda"}},
+            {"id": 4, "previousEventId": 3, "type": "TaskSucceeded", "timestamp": T0 + dt.timedelta(seconds=1.5),
+             "taskSucceededEventDetails": {"output": "{}"}},
+            {"id": 5, "previousEventId": 4, "type": "TaskStateExited", "timestamp": T0 + dt.timedelta(seconds=1.75),
+             "stateExitedEventDetails": {"name": "Detect", "output": "{}"}},
+        ])
+        store.finish("cat.jpg-0123456789abcdef", "SUCCEEDED", stopped=T0 + dt.timedelta(seconds=2),
+                     output={"detect": {"labels": [{"Name": "Cat"}, {"Name": "Animal"}]}})
+    return tmp_path
+
+
+def test_executions_lists_table(state_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["executions", "--state-dir", str(state_dir)], env={"COLUMNS": "160"})
+
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[1].split("┃")[1:-1] == [
+        " Execution                ", " Status    ", " Key     ", " Labels      ", " Started (UTC)       ",
+        " Duration ", " Replay of ",
+    ]
+    assert lines[3] == "│ cat.jpg-0123456789abcdef │ SUCCEEDED │ cat.jpg │ Cat, Animal │ 2026-03-20 12:00:00 │ 2.00 s   │ -         │"
+
+
+def test_executions_status_filter_empty(state_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["executions", "--state-dir", str(state_dir), "--status", "FAILED"])
+
+    assert result.exit_code == 0
+    assert result.output == "no executions recorded with status FAILED\n"
+
+
+def test_executions_rejects_bad_since(state_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["executions", "--state-dir", str(state_dir), "--since", "soon"])
+
+    assert result.exit_code == 2
+    assert "'soon' is not a duration; use a number and s, m, h, d or w, such as 1h or 2d" in result.output
+
+
+def test_show_prints_states(state_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["show", "--state-dir", str(state_dir), "cat.jpg-0123456789abcdef"],
+                                env={"COLUMNS": "160"})
+
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0] == "cat.jpg-0123456789abcdef  SUCCEEDED  attempt 1"
+    assert lines[1] == "source    s3://labelmark-source/cat.jpg  ETag e1"
+    assert lines[2] == "started   2026-03-20 12:00:00 UTC  duration 2.00 s"
+    assert lines[6] == "│ Detect │ Task │ succeeded │ +0.500 s │ 1.25 s   │ 0       │       │"
+
+
+def test_show_unknown_execution(state_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["show", "--state-dir", str(state_dir), "nope"])
+
+    assert result.exit_code == 1
+    assert result.output == f"Error: no execution named 'nope' in {state_dir}; list them with 'labelmark executions'\n"
+
+
+def test_replay_needs_names_or_failed(state_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["replay", "--state-dir", str(state_dir)])
+
+    assert result.exit_code == 2
+    assert result.output.endswith("Error: name the executions to replay, or pass --failed (not both)\n")
+
+
+def test_replay_failed_none(state_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["replay", "--failed", "--state-dir", str(state_dir)])
+
+    assert result.exit_code == 0
+    assert result.output == "no failed executions to replay\n"
+
+
+class InjectedFault(Exception):
+    """A permanent error raised by the fault hook in place of the watermark handler."""
+
+
+def test_replay_failed_resumes_and_exits_zero(tmp_path: Path) -> None:
+    # GIVEN a run that failed at Watermark in an earlier process
+    def hook(stage: str, event: dict) -> None:
+        if stage == "watermark":
+            raise InjectedFault("off")
+
+    config = EngineConfig(detector="rekognition", real_rekognition=False)
+    with ExecutionStore(tmp_path) as store:
+        with LocalEngine(config, fault_hook=hook, recorder=Recorder(store)) as engine:
+            name = engine.run(engine.upload("dog.jpg", jpeg_bytes())).name
+
+    # WHEN a dry run and then the replay run
+    dry = CliRunner().invoke(main, ["replay", "--failed", "--dry-run", "--state-dir", str(tmp_path)])
+    real = CliRunner().invoke(main, ["replay", "--failed", "--state-dir", str(tmp_path)])
+    again = CliRunner().invoke(main, ["replay", "--failed", "--state-dir", str(tmp_path)])
+
+    # THEN the output names the new attempt and the state it resumed at
+    plan = f"{name} -> {name}-r2 from Watermark (Detect result reused, source ETag unchanged)"
+    assert dry.exit_code == 0
+    assert dry.output == f"would replay {plan}\n"
+    assert real.exit_code == 0
+    assert real.output == f"replayed {plan}: SUCCEEDED\n"
+    assert again.output == "no failed executions to replay\n"
