@@ -59,3 +59,10 @@ def jpeg_bytes(size: tuple[int, int] = (320, 240), color: tuple[int, int, int] =
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="JPEG", **save)
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shared_engine() -> Iterator[LocalEngine]:
+    """One engine with moto's Rekognition per test module, for tables of uploads that share it."""
+    with LocalEngine(EngineConfig(detector="rekognition", real_rekognition=False)) as running:
+        yield running

@@ -5,13 +5,11 @@ from __future__ import annotations
 import io
 import json
 import threading
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from PIL import Image
 
-from workflow.engine import EngineConfig, LocalEngine, RunResult
+from workflow.engine import LocalEngine, RunResult
 
 SOURCE_BUCKET = "labelmark-source"
 PROCESSED_BUCKET = "labelmark-processed"
@@ -32,13 +30,6 @@ STORED_TRANSPOSE: dict[int, Image.Transpose | None] = {
 
 MARKER = (230, 20, 20)
 BACKGROUND = (20, 40, 220)
-
-
-@pytest.fixture(scope="module")
-def shared_engine() -> Iterator[LocalEngine]:
-    """One engine with moto's Rekognition for a whole test module, since starting one takes a while."""
-    with LocalEngine(EngineConfig(detector="rekognition", real_rekognition=False)) as running:
-        yield running
 
 
 def encode(image: Image.Image, image_format: str, **save: Any) -> bytes:
@@ -122,7 +113,11 @@ def task_outcomes(engine: LocalEngine, result: RunResult) -> list[tuple[str, str
 
 def entered_state_types(engine: LocalEngine, result: RunResult) -> list[str]:
     """Return the type of each history event that enters a state (for example PassStateEntered)."""
-    return [event["type"] for event in engine.history(result.arn) if event["type"].endswith("StateEntered")]
+    return [
+        event["type"]
+        for event in engine.history(result.arn)
+        if event["type"].endswith("StateEntered")
+    ]
 
 
 class FailingCalls:
@@ -132,7 +127,9 @@ class FailingCalls:
     Lambda timeout is produced inside a real handler.
     """
 
-    def __init__(self, code: str = "", status: int = 400, *, count: int | None = 1, delay: float = 0.0) -> None:
+    def __init__(
+        self, code: str = "", status: int = 400, *, count: int | None = 1, delay: float = 0.0
+    ) -> None:
         self.code = code
         self.status = status
         self.count = count

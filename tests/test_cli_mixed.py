@@ -16,7 +16,12 @@ MIXED = [
     # a sideways phone photo
     ("phone.jpg", oriented_jpeg(marker_image(), 6), "SUCCEEDED", []),
     # a screenshot with transparency
-    ("screen shot+1.png", encode(Image.new("RGBA", (300, 200), (10, 200, 10, 128)), "PNG"), "SUCCEEDED", []),
+    (
+        "screen shot+1.png",
+        encode(Image.new("RGBA", (300, 200), (10, 200, 10, 128)), "PNG"),
+        "SUCCEEDED",
+        [],
+    ),
     # a HEIC photo
     ("café.heic", encode(Image.new("RGB", (240, 180), (200, 120, 40)), "HEIF"), "SUCCEEDED", []),
     # an empty file
@@ -24,9 +29,19 @@ MIXED = [
     # text with an image extension
     ("notes.jpg", b"not a picture\n" * 10, "FAILED", ["UnsupportedImageError", "not an image"]),
     # a JPEG cut off in transfer
-    ("cut.jpg", encode(Image.effect_noise((240, 180), 50), "JPEG")[:1500], "FAILED", ["CorruptImageError", "truncated"]),
+    (
+        "cut.jpg",
+        encode(Image.effect_noise((240, 180), 50), "JPEG")[:1500],
+        "FAILED",
+        ["CorruptImageError", "truncated"],
+    ),
     # a decompression bomb
-    ("bomb.png", _png_header_only(50_000, 50_000), "FAILED", ["ImageTooLargeError", "100 megapixels"]),
+    (
+        "bomb.png",
+        _png_header_only(50_000, 50_000),
+        "FAILED",
+        ["ImageTooLargeError", "100 megapixels"],
+    ),
 ]
 
 
@@ -39,7 +54,9 @@ def test_cli_mixed_folder_reports_each_file(tmp_path: Path) -> None:
     for name, body, _, _ in MIXED:
         (folder / name).write_bytes(body)
 
-    result = CliRunner().invoke(main, ["run", str(folder), "--out", str(tmp_path / "out"), "--workers", "2"])
+    result = CliRunner().invoke(
+        main, ["run", str(folder), "--out", str(tmp_path / "out"), "--workers", "2"]
+    )
 
     assert result.exit_code == 1, result.output
     lines = result.output.splitlines()

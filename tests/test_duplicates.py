@@ -1,4 +1,4 @@
-"""At-least-once delivery: duplicates, replays and overwrites on the local engine, and no recursion."""
+"""At-least-once delivery on the local engine: duplicates, replays, overwrites, no recursion."""
 
 from __future__ import annotations
 

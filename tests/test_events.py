@@ -12,7 +12,12 @@ from functions.common.events import SourceObject, encode_key, parse_event
 
 def eventbridge_event(key_encoded: str, **object_fields: Any) -> dict[str, Any]:
     """Return an EventBridge 'Object Created' event in the shape Amazon S3 documents."""
-    obj = {"key": key_encoded, "size": 1024, "etag": "b1946ac92492d2347c6235b4d2611184", "sequencer": "00617F08299329D189"}
+    obj = {
+        "key": key_encoded,
+        "size": 1024,
+        "etag": "b1946ac92492d2347c6235b4d2611184",
+        "sequencer": "00617F08299329D189",
+    }
     obj.update(object_fields)
     return {
         "version": "0",
@@ -127,7 +132,10 @@ def test_source_dict_not_decoded_again() -> None:
         # not a JSON object
         ([1, 2], "must be a JSON object"),
         # another EventBridge detail type
-        ({**eventbridge_event("a.jpg"), "detail-type": "Object Deleted"}, "expected 'Object Created'"),
+        (
+            {**eventbridge_event("a.jpg"), "detail-type": "Object Deleted"},
+            "expected 'Object Created'",
+        ),
         # a removal notification
         (s3_record_event("a.jpg", "ObjectRemoved:Delete"), "expected 'ObjectCreated:\\*'"),
         # two records in one notification
@@ -137,7 +145,10 @@ def test_source_dict_not_decoded_again() -> None:
         # an empty key
         (eventbridge_event(""), "'detail.object.key' is empty"),
         # no bucket
-        ({"Records": [{"eventName": "ObjectCreated:Put", "s3": {"object": {"key": "a"}}}]}, "Records\\[0\\].s3.bucket.name"),
+        (
+            {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"object": {"key": "a"}}}]},
+            "Records\\[0\\].s3.bucket.name",
+        ),
     ],
 )
 def test_invalid_event_rejected(event: Any, message: str) -> None:

@@ -32,9 +32,17 @@ TRANSIENT_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("service", "operation", "code", "status", "state", "error"), TRANSIENT_CASES)
+@pytest.mark.parametrize(
+    ("service", "operation", "code", "status", "state", "error"), TRANSIENT_CASES
+)
 def test_transient_fault_retried_then_published(
-    engine: LocalEngine, service: str, operation: str, code: str, status: int, state: str, error: str
+    engine: LocalEngine,
+    service: str,
+    operation: str,
+    code: str,
+    status: int,
+    state: str,
+    error: str,
 ) -> None:
     event = engine.upload("faults/photo.jpg", _JPEG)
     fault = FailingCalls(code, status, count=1)
@@ -48,7 +56,9 @@ def test_transient_fault_retried_then_published(
     assert published_image(engine, "faults/photo.jpg").size == (200, 160)
 
 
-def test_lambda_timeout_retried_then_published(engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lambda_timeout_retried_then_published(
+    engine: LocalEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # GIVEN a detect function with a short timeout and a first Rekognition call slower than it
     short = dataclasses.replace(dispatch.FUNCTIONS["detect"], timeout_seconds=0.3)
     monkeypatch.setitem(dispatch.FUNCTIONS, "detect", short)
@@ -97,7 +107,10 @@ def test_permanent_s3_error_not_retried(engine: LocalEngine) -> None:
     client("s3").meta.events.unregister("before-call.s3.GetObject", denied)
 
     assert result.status == "FAILED"
-    assert task_outcomes(engine, result) == [("Detect", "PermanentError"), ("RecordFailure", "TaskSucceeded")]
+    assert task_outcomes(engine, result) == [
+        ("Detect", "PermanentError"),
+        ("RecordFailure", "TaskSucceeded"),
+    ]
     record = failure_record(engine, result)
     assert "faults/denied.jpg" in failure_message(record)
     assert "AccessDenied" in failure_message(record)

@@ -1,4 +1,4 @@
-"""Real kinds of uploads through the local engine: formats, modes, metadata, sizes and broken files."""
+"""Real kinds of uploads through the local engine: formats, metadata, sizes and broken files."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from tests.inputs_helpers import (
     process,
     published_bytes,
     published_image,
-    shared_engine,  # noqa: F401  (module fixture)
 )
 from workflow.engine import EngineConfig, LocalEngine
 
@@ -48,7 +47,12 @@ def _palette_with_hole() -> Image.Image:
 def _animation(image_format: str) -> bytes:
     frames = [Image.new("RGB", SIZE, color) for color in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
     return encode(
-        frames[0], image_format, save_all=True, append_images=frames[1:], duration=[100, 200, 300], loop=0
+        frames[0],
+        image_format,
+        save_all=True,
+        append_images=frames[1:],
+        duration=[100, 200, 300],
+        loop=0,
     )
 
 
@@ -100,7 +104,11 @@ FORMAT_CASES = [
     ids=[case[0] for case in FORMAT_CASES],
 )
 def test_format_output_follows_input(
-    shared_engine: LocalEngine, key: str, body: bytes, expected_format: str, expected_mode: str | None
+    shared_engine: LocalEngine,
+    key: str,
+    body: bytes,
+    expected_format: str,
+    expected_mode: str | None,
 ) -> None:
     result = process(shared_engine, key, body)
 
@@ -191,7 +199,7 @@ def test_orientation_comes_out_upright(shared_engine: LocalEngine, orientation: 
 
 
 def _lab_profile() -> bytes:
-    # A non-sRGB profile: Lab D50 serialised by LittleCMS, distinct from anything Pillow adds itself.
+    # A non-sRGB profile (Lab, D50 white point), so a default sRGB profile cannot pass for it.
     return bytes(ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB", 5000)).tobytes())
 
 
@@ -250,7 +258,9 @@ def test_private_metadata_dropped_by_default(shared_engine: LocalEngine) -> None
 @pytest.fixture
 def keeping_engine() -> Iterator[LocalEngine]:
     config = EngineConfig(
-        detector="rekognition", real_rekognition=False, function_env={"KEEP_PRIVATE_METADATA": "true"}
+        detector="rekognition",
+        real_rekognition=False,
+        function_env={"KEEP_PRIVATE_METADATA": "true"},
     )
     with LocalEngine(config) as running:
         yield running
@@ -266,7 +276,9 @@ def test_private_metadata_kept_when_asked(keeping_engine: LocalEngine) -> None:
 
 
 def test_tiny_image_enlarged_for_readable_band(shared_engine: LocalEngine) -> None:
-    result = process(shared_engine, "tiny/icon.png", encode(Image.new("RGB", (40, 30), (200, 200, 200)), "PNG"))
+    result = process(
+        shared_engine, "tiny/icon.png", encode(Image.new("RGB", (40, 30), (200, 200, 200)), "PNG")
+    )
 
     assert result.status == "SUCCEEDED", result.cause
     output = published_image(shared_engine, "tiny/icon.png")
@@ -285,7 +297,9 @@ def _capture_detect_labels() -> list[bytes]:
         assert isinstance(image, dict)
         sent.append(image["Bytes"])
 
-    client("rekognition").meta.events.register("provide-client-params.rekognition.DetectLabels", record)
+    client("rekognition").meta.events.register(
+        "provide-client-params.rekognition.DetectLabels", record
+    )
     return sent
 
 
@@ -307,7 +321,9 @@ def _wide_png(width: int, height: int) -> bytes:
         ("big/tiny.png", encode(Image.new("RGB", (50, 20)), "PNG"), (50, 20)),
     ],
 )
-def test_rekognition_gets_fitted_jpeg(shared_engine: LocalEngine, key: str, body: bytes, size: tuple[int, int]) -> None:
+def test_rekognition_gets_fitted_jpeg(
+    shared_engine: LocalEngine, key: str, body: bytes, size: tuple[int, int]
+) -> None:
     sent = _capture_detect_labels()
     result = process(shared_engine, key, body)
 
@@ -315,7 +331,7 @@ def test_rekognition_gets_fitted_jpeg(shared_engine: LocalEngine, key: str, body
     assert len(sent) == 1
     fitted = Image.open(io.BytesIO(sent[0]))
     assert fitted.format == "JPEG"
-    assert 80 <= min(fitted.size)
+    assert min(fitted.size) >= 80
     assert max(fitted.size) <= 10_000
     assert len(sent[0]) < 5 * 1024 * 1024
     output = published_image(shared_engine, key)
@@ -327,10 +343,20 @@ def _png_header_only(width: int, height: int) -> bytes:
     """Return a PNG whose header claims WIDTH x HEIGHT and whose pixel data is a few bytes."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _truncated(data: bytes) -> bytes:
@@ -342,15 +368,45 @@ _NOISE = Image.effect_noise(SIZE, 60).convert("RGB")
 # (key, body, failed state, error name, words the message must contain)
 REJECT_CASES = [
     # decompression bomb: the header claims 2,500 megapixels
-    ("bad/bomb.png", _png_header_only(50_000, 50_000), "Detect", "ImageTooLargeError", ["50000x50000 px", "100 megapixels"]),
+    (
+        "bad/bomb.png",
+        _png_header_only(50_000, 50_000),
+        "Detect",
+        "ImageTooLargeError",
+        ["50000x50000 px", "100 megapixels"],
+    ),
     # truncated JPEG
-    ("bad/cut.jpg", _truncated(encode(_NOISE, "JPEG")), "Detect", "CorruptImageError", ["truncated", "JPEG"]),
+    (
+        "bad/cut.jpg",
+        _truncated(encode(_NOISE, "JPEG")),
+        "Detect",
+        "CorruptImageError",
+        ["truncated", "JPEG"],
+    ),
     # truncated PNG
-    ("bad/cut.png", _truncated(encode(_NOISE, "PNG")), "Detect", "CorruptImageError", ["truncated", "PNG"]),
+    (
+        "bad/cut.png",
+        _truncated(encode(_NOISE, "PNG")),
+        "Detect",
+        "CorruptImageError",
+        ["truncated", "PNG"],
+    ),
     # text file with an image extension
-    ("bad/notes.jpg", b"shopping list: milk, eggs\n" * 20, "Detect", "UnsupportedImageError", ["not an image"]),
+    (
+        "bad/notes.jpg",
+        b"shopping list: milk, eggs\n" * 20,
+        "Detect",
+        "UnsupportedImageError",
+        ["not an image"],
+    ),
     # PDF with an image extension
-    ("bad/scan.png", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n", "Detect", "UnsupportedImageError", ["not an image"]),
+    (
+        "bad/scan.png",
+        b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n",
+        "Detect",
+        "UnsupportedImageError",
+        ["not an image"],
+    ),
 ]
 
 
@@ -376,7 +432,9 @@ def test_broken_input_rejected_with_record(
     assert f"watermarked-{key}" not in shared_engine.list_keys("labelmark-processed")
 
 
-def test_bomb_rejected_before_decoding(shared_engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bomb_rejected_before_decoding(
+    shared_engine: LocalEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     decoded: list[str] = []
     original_load = Image.Image.load
 
@@ -395,7 +453,9 @@ def test_bomb_rejected_before_decoding(shared_engine: LocalEngine, monkeypatch: 
 
 
 def test_max_pixels_setting_applies() -> None:
-    config = EngineConfig(detector="rekognition", real_rekognition=False, function_env={"MAX_PIXELS": "40000"})
+    config = EngineConfig(
+        detector="rekognition", real_rekognition=False, function_env={"MAX_PIXELS": "40000"}
+    )
     with LocalEngine(config) as engine:
         result = process(engine, "big/over.jpg", encode(_RGB, "JPEG"))
         record = failure_record(engine, result)
@@ -412,4 +472,3 @@ def test_skipped_runs_enter_no_task(shared_engine: LocalEngine) -> None:
     types = entered_state_types(shared_engine, result)
     assert "PassStateEntered" in types
     assert "TaskStateEntered" not in types
-

@@ -9,7 +9,7 @@ from PIL import Image
 
 from functions.common.events import SourceObject
 from functions.common.keys import execution_name
-from tests.inputs_helpers import encode, entered_state_types, process, shared_engine  # noqa: F401
+from tests.inputs_helpers import encode, entered_state_types, process
 from workflow.engine import LocalEngine
 
 # Step Functions rejects names outside 1 to 80 characters and names with whitespace, brackets,
@@ -63,7 +63,7 @@ def test_key_output_derived_from_decoded(shared_engine: LocalEngine, key: str) -
     assert f"watermarked-{key}.labels.json" in published
 
 
-@pytest.mark.parametrize("key", KEYS + ["", "\t\n", "[]", "x" * 300, "%%%///", "名前.jpg"])
+@pytest.mark.parametrize("key", [*KEYS, "", "\t\n", "[]", "x" * 300, "%%%///", "名前.jpg"])
 def test_execution_name_follows_rules(key: str) -> None:
     name = execution_name(SourceObject(bucket="photos", key=key, etag="abc"))
 
@@ -95,7 +95,9 @@ def test_execution_name_differs_per_content() -> None:
         ("labelmark-failures/run.json", b"{}", "pipeline itself"),
     ],
 )
-def test_not_work_skipped_without_task(shared_engine: LocalEngine, key: str, body: bytes, reason_word: str) -> None:
+def test_not_work_skipped_without_task(
+    shared_engine: LocalEngine, key: str, body: bytes, reason_word: str
+) -> None:
     result = process(shared_engine, key, body)
 
     assert result.status == "SUCCEEDED"

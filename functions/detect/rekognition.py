@@ -42,7 +42,9 @@ def fitted_jpeg(image: Image.Image) -> bytes:
     copy.thumbnail((FITTED_LONG_SIDE, FITTED_LONG_SIDE), Image.Resampling.BILINEAR)
     if min(copy.size) < MIN_SIDE:
         scale = MIN_SIDE / min(copy.size)
-        copy = copy.resize((max(MIN_SIDE, round(copy.width * scale)), max(MIN_SIDE, round(copy.height * scale))))
+        width = max(MIN_SIDE, round(copy.width * scale))
+        height = max(MIN_SIDE, round(copy.height * scale))
+        copy = copy.resize((width, height))
     if max(copy.size) > MAX_SIDE:
         # Only a strip thinner than 1:125 gets here; Rekognition sees its middle part.
         left = (copy.width - min(copy.width, MAX_SIDE)) // 2
