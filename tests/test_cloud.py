@@ -21,7 +21,14 @@ def _arn(name: str) -> str:
     return f"arn:aws:states:us-east-1:123456789012:execution:labelmark-pipeline:{name}"
 
 
-def _description(name: str, status: str, *, stopped: dt.datetime, redrive_status: str | None, reason: str | None = None) -> dict:
+def _description(
+    name: str,
+    status: str,
+    *,
+    stopped: dt.datetime,
+    redrive_status: str | None,
+    reason: str | None = None,
+) -> dict:
     response = {
         "executionArn": _arn(name),
         "stateMachineArn": SM,
@@ -44,50 +51,94 @@ def sfn() -> object:
     return boto3.client("stepfunctions", region_name="us-east-1")
 
 
-def test_list_executions_pages_and_stops_at_since(sfn) -> None:  # noqa: ANN001
+def test_list_executions_pages_and_stops_at_since(sfn) -> None:
     # GIVEN two pages of executions, newest first, the last one older than --since
     item = lambda name, hours: {  # noqa: E731
-        "executionArn": _arn(name), "stateMachineArn": SM, "name": name, "status": "FAILED",
-        "startDate": NOW - dt.timedelta(hours=hours), "stopDate": NOW - dt.timedelta(hours=hours), "redriveCount": 0,
+        "executionArn": _arn(name),
+        "stateMachineArn": SM,
+        "name": name,
+        "status": "FAILED",
+        "startDate": NOW - dt.timedelta(hours=hours),
+        "stopDate": NOW - dt.timedelta(hours=hours),
+        "redriveCount": 0,
     }
     with Stubber(sfn) as stub:
-        stub.add_response("list_executions", {"executions": [item("a", 0.1)], "nextToken": "t1"},
-                          {"stateMachineArn": SM, "maxResults": 100, "statusFilter": "FAILED"})
-        stub.add_response("list_executions", {"executions": [item("b", 0.5), item("c", 5)], "nextToken": "t2"},
-                          {"stateMachineArn": SM, "maxResults": 100, "statusFilter": "FAILED", "nextToken": "t1"})
+        stub.add_response(
+            "list_executions",
+            {"executions": [item("a", 0.1)], "nextToken": "t1"},
+            {"stateMachineArn": SM, "maxResults": 100, "statusFilter": "FAILED"},
+        )
+        stub.add_response(
+            "list_executions",
+            {"executions": [item("b", 0.5), item("c", 5)], "nextToken": "t2"},
+            {"stateMachineArn": SM, "maxResults": 100, "statusFilter": "FAILED", "nextToken": "t1"},
+        )
 
         # WHEN listing failed runs of the last hour
-        names = [x["name"] for x in cloud.list_executions(sfn, SM, status="FAILED", since=NOW - dt.timedelta(hours=1))]
+        names = [
+            x["name"]
+            for x in cloud.list_executions(
+                sfn, SM, status="FAILED", since=NOW - dt.timedelta(hours=1)
+            )
+        ]
 
         # THEN both pages were read and paging stopped at the old one
         assert names == ["a", "b"]
         stub.assert_no_pending_responses()
 
 
-def test_plan_replays_redrives_or_starts(sfn) -> None:  # noqa: ANN001
+def test_plan_replays_redrives_or_starts(sfn) -> None:
     with Stubber(sfn) as stub:
-        stub.add_response("describe_execution", _description("new", "FAILED", stopped=NOW, redrive_status="REDRIVABLE"))
-        stub.add_response("describe_execution", _description(
-            "old", "FAILED", stopped=NOW - dt.timedelta(days=20), redrive_status="NOT_REDRIVABLE",
-            reason="Execution redrivable period exceeded."))
-        stub.add_response("describe_execution", _description("ok", "SUCCEEDED", stopped=NOW, redrive_status="NOT_REDRIVABLE"))
+        stub.add_response(
+            "describe_execution",
+            _description("new", "FAILED", stopped=NOW, redrive_status="REDRIVABLE"),
+        )
+        stub.add_response(
+            "describe_execution",
+            _description(
+                "old",
+                "FAILED",
+                stopped=NOW - dt.timedelta(days=20),
+                redrive_status="NOT_REDRIVABLE",
+                reason="Execution redrivable period exceeded.",
+            ),
+        )
+        stub.add_response(
+            "describe_execution",
+            _description("ok", "SUCCEEDED", stopped=NOW, redrive_status="NOT_REDRIVABLE"),
+        )
 
         plans = cloud.plan_replays(sfn, [_arn("new"), _arn("old"), _arn("ok")], now=NOW)
 
     assert [plan.action for plan in plans] == ["redrive", "start", "skip"]
-    assert plans[1].reason == "Execution redrivable period exceeded.; starting again with the original input"
+    assert (
+        plans[1].reason
+        == "Execution redrivable period exceeded.; starting again with the original input"
+    )
 
 
-def test_replay_all_redrives_and_starts_with_original_input(sfn) -> None:  # noqa: ANN001
-    old = _description("old", "FAILED", stopped=NOW - dt.timedelta(days=20), redrive_status="NOT_REDRIVABLE")
-    plans = [cloud.CloudReplay(_arn("new"), "new", "redrive", "r"), cloud.CloudReplay(_arn("old"), "old", "start", "s")]
+def test_replay_all_redrives_and_starts_with_original_input(sfn) -> None:
+    old = _description(
+        "old", "FAILED", stopped=NOW - dt.timedelta(days=20), redrive_status="NOT_REDRIVABLE"
+    )
+    plans = [
+        cloud.CloudReplay(_arn("new"), "new", "redrive", "r"),
+        cloud.CloudReplay(_arn("old"), "old", "start", "s"),
+    ]
     with Stubber(sfn) as stub:
         stub.add_response("redrive_execution", {"redriveDate": NOW}, {"executionArn": _arn("new")})
         stub.add_response("describe_execution", old, {"executionArn": _arn("old")})
-        stub.add_client_error("start_execution", "ExecutionAlreadyExists", "exists",
-                              expected_params={"stateMachineArn": SM, "name": "old-r2", "input": old["input"]})
-        stub.add_response("start_execution", {"executionArn": _arn("old-r3"), "startDate": NOW},
-                          {"stateMachineArn": SM, "name": "old-r3", "input": old["input"]})
+        stub.add_client_error(
+            "start_execution",
+            "ExecutionAlreadyExists",
+            "exists",
+            expected_params={"stateMachineArn": SM, "name": "old-r2", "input": old["input"]},
+        )
+        stub.add_response(
+            "start_execution",
+            {"executionArn": _arn("old-r3"), "startDate": NOW},
+            {"stateMachineArn": SM, "name": "old-r3", "input": old["input"]},
+        )
 
         outcomes = cloud.replay_all(sfn, plans, max_concurrency=1)
 
@@ -96,29 +147,37 @@ def test_replay_all_redrives_and_starts_with_original_input(sfn) -> None:  # noq
     assert [outcome.error for outcome in outcomes] == [None, None]
 
 
-def test_with_backoff_retries_throttling(sfn) -> None:  # noqa: ANN001
+def test_with_backoff_retries_throttling(sfn) -> None:
     delays: list[float] = []
     with Stubber(sfn) as stub:
         stub.add_client_error("redrive_execution", "ThrottlingException", "Rate exceeded")
         stub.add_client_error("redrive_execution", "ThrottlingException", "Rate exceeded")
         stub.add_response("redrive_execution", {"redriveDate": NOW})
 
-        response = cloud.with_backoff(lambda: sfn.redrive_execution(executionArn=_arn("x")), sleep=delays.append)
+        response = cloud.with_backoff(
+            lambda: sfn.redrive_execution(executionArn=_arn("x")), sleep=delays.append
+        )
 
     assert response["redriveDate"] == NOW
     assert len(delays) == 2
     assert all(0 <= delay <= 1.0 for delay in delays)
 
 
-def test_replay_cloud_dry_run_output(monkeypatch: pytest.MonkeyPatch, sfn) -> None:  # noqa: ANN001
+def test_replay_cloud_dry_run_output(monkeypatch: pytest.MonkeyPatch, sfn) -> None:
     # GIVEN the CLI's client is the stubbed one
     monkeypatch.setattr(cloud, "client", lambda region=None: sfn)
     with Stubber(sfn) as stub:
-        stub.add_response("describe_execution", _description("new", "FAILED", stopped=dt.datetime.now(dt.UTC),
-                                                             redrive_status="REDRIVABLE"))
+        stub.add_response(
+            "describe_execution",
+            _description(
+                "new", "FAILED", stopped=dt.datetime.now(dt.UTC), redrive_status="REDRIVABLE"
+            ),
+        )
 
         # WHEN a dry run names one execution
-        result = CliRunner().invoke(main, ["replay", "--cloud", "--dry-run", "--state-machine-arn", SM, "new"])
+        result = CliRunner().invoke(
+            main, ["replay", "--cloud", "--dry-run", "--state-machine-arn", SM, "new"]
+        )
 
     # THEN it prints the plan and changes nothing
     assert result.exit_code == 0

@@ -20,57 +20,117 @@ T0 = dt.datetime(2026, 3, 20, 12, 0, tzinfo=dt.UTC)
 def state_dir(tmp_path: Path) -> Path:
     """A state folder with one succeeded run whose timestamps are fixed."""
     with ExecutionStore(tmp_path) as store:
-        store.add_execution(ExecutionRecord(
-            "cat.jpg-0123456789abcdef", "arn:x", "arn:sm", "RUNNING",
-            {"detail": {"bucket": {"name": "labelmark-source"}, "object": {"key": "cat.jpg"}}}, T0,
-            source_bucket="labelmark-source", source_key="cat.jpg", source_etag="e1",
-        ))
-        store.append_events("cat.jpg-0123456789abcdef", [
-            {"id": 1, "previousEventId": 0, "type": "ExecutionStarted", "timestamp": T0,
-             "executionStartedEventDetails": {"input": "{}"}},
-            {"id": 2, "previousEventId": 1, "type": "TaskStateEntered", "timestamp": T0 + dt.timedelta(seconds=0.5),
-             "stateEnteredEventDetails": {"name": "Detect", "input": "{}"}},
-            {"id": 3, "previousEventId": 2, "type": "TaskScheduled", "timestamp": T0 + dt.timedelta(seconds=0.5),
-             "taskScheduledEventDetails": {"resourceType": "lambda"}},
-            {"id": 4, "previousEventId": 3, "type": "TaskSucceeded", "timestamp": T0 + dt.timedelta(seconds=1.5),
-             "taskSucceededEventDetails": {"output": "{}"}},
-            {"id": 5, "previousEventId": 4, "type": "TaskStateExited", "timestamp": T0 + dt.timedelta(seconds=1.75),
-             "stateExitedEventDetails": {"name": "Detect", "output": "{}"}},
-        ])
-        store.finish("cat.jpg-0123456789abcdef", "SUCCEEDED", stopped=T0 + dt.timedelta(seconds=2),
-                     output={"detect": {"labels": [{"Name": "Cat"}, {"Name": "Animal"}]}})
+        store.add_execution(
+            ExecutionRecord(
+                "cat.jpg-0123456789abcdef",
+                "arn:x",
+                "arn:sm",
+                "RUNNING",
+                {"detail": {"bucket": {"name": "labelmark-source"}, "object": {"key": "cat.jpg"}}},
+                T0,
+                source_bucket="labelmark-source",
+                source_key="cat.jpg",
+                source_etag="e1",
+            )
+        )
+        store.append_events(
+            "cat.jpg-0123456789abcdef",
+            [
+                {
+                    "id": 1,
+                    "previousEventId": 0,
+                    "type": "ExecutionStarted",
+                    "timestamp": T0,
+                    "executionStartedEventDetails": {"input": "{}"},
+                },
+                {
+                    "id": 2,
+                    "previousEventId": 1,
+                    "type": "TaskStateEntered",
+                    "timestamp": T0 + dt.timedelta(seconds=0.5),
+                    "stateEnteredEventDetails": {"name": "Detect", "input": "{}"},
+                },
+                {
+                    "id": 3,
+                    "previousEventId": 2,
+                    "type": "TaskScheduled",
+                    "timestamp": T0 + dt.timedelta(seconds=0.5),
+                    "taskScheduledEventDetails": {"resourceType": "lambda"},
+                },
+                {
+                    "id": 4,
+                    "previousEventId": 3,
+                    "type": "TaskSucceeded",
+                    "timestamp": T0 + dt.timedelta(seconds=1.5),
+                    "taskSucceededEventDetails": {"output": "{}"},
+                },
+                {
+                    "id": 5,
+                    "previousEventId": 4,
+                    "type": "TaskStateExited",
+                    "timestamp": T0 + dt.timedelta(seconds=1.75),
+                    "stateExitedEventDetails": {"name": "Detect", "output": "{}"},
+                },
+            ],
+        )
+        store.finish(
+            "cat.jpg-0123456789abcdef",
+            "SUCCEEDED",
+            stopped=T0 + dt.timedelta(seconds=2),
+            output={"detect": {"labels": [{"Name": "Cat"}, {"Name": "Animal"}]}},
+        )
     return tmp_path
 
 
 def test_executions_lists_table(state_dir: Path) -> None:
-    result = CliRunner().invoke(main, ["executions", "--state-dir", str(state_dir)], env={"COLUMNS": "160"})
+    result = CliRunner().invoke(
+        main, ["executions", "--state-dir", str(state_dir)], env={"COLUMNS": "160"}
+    )
 
     assert result.exit_code == 0
     lines = result.output.splitlines()
     assert lines[1].split("┃")[1:-1] == [
-        " Execution                ", " Status    ", " Key     ", " Labels      ", " Started (UTC)       ",
-        " Duration ", " Replay of ",
+        " Execution                ",
+        " Status    ",
+        " Key     ",
+        " Labels      ",
+        " Started (UTC)       ",
+        " Duration ",
+        " Replay of ",
     ]
-    assert lines[3] == "│ cat.jpg-0123456789abcdef │ SUCCEEDED │ cat.jpg │ Cat, Animal │ 2026-03-20 12:00:00 │ 2.00 s   │ -         │"
+    assert (
+        lines[3]
+        == "│ cat.jpg-0123456789abcdef │ SUCCEEDED │ cat.jpg │ Cat, Animal │ 2026-03-20 12:00:00 │ 2.00 s   │ -         │"
+    )
 
 
 def test_executions_status_filter_empty(state_dir: Path) -> None:
-    result = CliRunner().invoke(main, ["executions", "--state-dir", str(state_dir), "--status", "FAILED"])
+    result = CliRunner().invoke(
+        main, ["executions", "--state-dir", str(state_dir), "--status", "FAILED"]
+    )
 
     assert result.exit_code == 0
     assert result.output == "no executions recorded with status FAILED\n"
 
 
 def test_executions_rejects_bad_since(state_dir: Path) -> None:
-    result = CliRunner().invoke(main, ["executions", "--state-dir", str(state_dir), "--since", "soon"])
+    result = CliRunner().invoke(
+        main, ["executions", "--state-dir", str(state_dir), "--since", "soon"]
+    )
 
     assert result.exit_code == 2
-    assert "'soon' is not a duration; use a number and s, m, h, d or w, such as 1h or 2d" in result.output
+    assert (
+        "'soon' is not a duration; use a number and s, m, h, d or w, such as 1h or 2d"
+        in result.output
+    )
 
 
 def test_show_prints_states(state_dir: Path) -> None:
-    result = CliRunner().invoke(main, ["show", "--state-dir", str(state_dir), "cat.jpg-0123456789abcdef"],
-                                env={"COLUMNS": "160"})
+    result = CliRunner().invoke(
+        main,
+        ["show", "--state-dir", str(state_dir), "cat.jpg-0123456789abcdef"],
+        env={"COLUMNS": "160"},
+    )
 
     assert result.exit_code == 0
     lines = result.output.splitlines()
@@ -84,14 +144,19 @@ def test_show_unknown_execution(state_dir: Path) -> None:
     result = CliRunner().invoke(main, ["show", "--state-dir", str(state_dir), "nope"])
 
     assert result.exit_code == 1
-    assert result.output == f"Error: no execution named 'nope' in {state_dir}; list them with 'labelmark executions'\n"
+    assert (
+        result.output
+        == f"Error: no execution named 'nope' in {state_dir}; list them with 'labelmark executions'\n"
+    )
 
 
 def test_replay_needs_names_or_failed(state_dir: Path) -> None:
     result = CliRunner().invoke(main, ["replay", "--state-dir", str(state_dir)])
 
     assert result.exit_code == 2
-    assert result.output.endswith("Error: name the executions to replay, or pass --failed (not both)\n")
+    assert result.output.endswith(
+        "Error: name the executions to replay, or pass --failed (not both)\n"
+    )
 
 
 def test_replay_failed_none(state_dir: Path) -> None:
@@ -117,7 +182,9 @@ def test_replay_failed_resumes_and_exits_zero(tmp_path: Path) -> None:
             name = engine.run(engine.upload("dog.jpg", jpeg_bytes())).name
 
     # WHEN a dry run and then the replay run
-    dry = CliRunner().invoke(main, ["replay", "--failed", "--dry-run", "--state-dir", str(tmp_path)])
+    dry = CliRunner().invoke(
+        main, ["replay", "--failed", "--dry-run", "--state-dir", str(tmp_path)]
+    )
     real = CliRunner().invoke(main, ["replay", "--failed", "--state-dir", str(tmp_path)])
     again = CliRunner().invoke(main, ["replay", "--failed", "--state-dir", str(tmp_path)])
 

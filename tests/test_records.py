@@ -8,7 +8,13 @@ from pathlib import Path
 
 from tests.conftest import jpeg_bytes
 from workflow.engine import EngineConfig, LocalEngine
-from workflow.records import ExecutionRecord, ExecutionStore, Recorder, failed_task_state, state_runs
+from workflow.records import (
+    ExecutionRecord,
+    ExecutionStore,
+    Recorder,
+    failed_task_state,
+    state_runs,
+)
 
 
 class InjectedFault(Exception):
@@ -59,7 +65,14 @@ def test_state_runs_counts_retries() -> None:
     events = [
         EventRecord(1, 0, "TaskStateEntered", at(0), "Detect", {"name": "Detect", "input": "{}"}),
         EventRecord(2, 1, "TaskScheduled", at(0.1), "Detect", {"resourceType": "lambda"}),
-        EventRecord(3, 2, "TaskFailed", at(0.2), "Detect", {"error": "ThrottlingError", "cause": "slow down"}),
+        EventRecord(
+            3,
+            2,
+            "TaskFailed",
+            at(0.2),
+            "Detect",
+            {"error": "ThrottlingError", "cause": "slow down"},
+        ),
         EventRecord(4, 3, "TaskScheduled", at(1.2), "Detect", {"resourceType": "lambda"}),
         EventRecord(5, 4, "TaskSucceeded", at(1.5), "Detect", {"output": "{}"}),
         EventRecord(6, 5, "TaskStateExited", at(1.6), "Detect", {"name": "Detect", "output": "{}"}),
@@ -81,13 +94,19 @@ def test_store_marks_dead_process_runs_aborted(tmp_path: Path) -> None:
     # GIVEN a RUNNING record left by a process that no longer exists
     with ExecutionStore(tmp_path) as store:
         store.add_execution(
-            ExecutionRecord("gone-1", "arn:gone-1", "arn:sm", "RUNNING", {}, dt.datetime.now(dt.UTC))
+            ExecutionRecord(
+                "gone-1", "arn:gone-1", "arn:sm", "RUNNING", {}, dt.datetime.now(dt.UTC)
+            )
         )
         with store._transaction() as connection:
-            connection.execute("UPDATE executions SET owner_pid = ? WHERE name = 'gone-1'", (2**22 + os.getpid(),))
+            connection.execute(
+                "UPDATE executions SET owner_pid = ? WHERE name = 'gone-1'", (2**22 + os.getpid(),)
+            )
 
         # WHEN a recorder attaches to an engine on the same folder
-        with LocalEngine(EngineConfig(detector="rekognition", real_rekognition=False), recorder=Recorder(store)):
+        with LocalEngine(
+            EngineConfig(detector="rekognition", real_rekognition=False), recorder=Recorder(store)
+        ):
             record = store.get("gone-1")
 
     # THEN the run is closed as ABORTED, with the reason

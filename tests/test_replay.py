@@ -18,7 +18,7 @@ class InjectedFault(Exception):
     """A permanent error raised by the fault hook in place of a stage's handler."""
 
 
-def _failing(stage_to_fail: str):  # noqa: ANN202 - a FaultHook
+def _failing(stage_to_fail: str):
     def hook(stage: str, event: dict) -> None:
         if stage == stage_to_fail:
             raise InjectedFault(f"{stage} disabled by the test")
@@ -102,7 +102,9 @@ def test_replay_rejects_changed_source(tmp_path: Path) -> None:
         engine.upload("cat.jpg", jpeg_bytes(color=(200, 10, 10)))
 
         # WHEN it is replayed, THEN the replay is rejected with both ETags in the message
-        with pytest.raises(ReplayError, match=r"cat\.jpg changed since the run \(ETag \w+ is now \w+\)"):
+        with pytest.raises(
+            ReplayError, match=r"cat\.jpg changed since the run \(ETag \w+ is now \w+\)"
+        ):
             replay(engine, store, name)
 
 
@@ -111,7 +113,9 @@ def test_replay_rejects_succeeded_run(tmp_path: Path) -> None:
     with LocalEngine(CONFIG, recorder=Recorder(store)) as engine:
         name = engine.run(engine.upload("cat.jpg", jpeg_bytes())).name
 
-        with pytest.raises(ReplayError, match="is SUCCEEDED; only FAILED, TIMED_OUT and ABORTED runs are replayed"):
+        with pytest.raises(
+            ReplayError, match="is SUCCEEDED; only FAILED, TIMED_OUT and ABORTED runs are replayed"
+        ):
             replay(engine, store, name)
 
 

@@ -17,11 +17,21 @@ from workflow.engine import EngineConfig
 from workflow.server import LocalStack
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 if not os.environ.get("CI") and not (Path(CHROMIUM).exists() or shutil.which("chromium")):
-    pytest.skip("chromium is not installed (apt-get install chromium); CI always runs this test", allow_module_level=True)
+    pytest.skip(
+        "chromium is not installed (apt-get install chromium); CI always runs this test",
+        allow_module_level=True,
+    )
 
 
 class InjectedFault(Exception):
@@ -36,8 +46,11 @@ def stack(tmp_path: Path) -> Iterator[tuple[LocalStack, threading.Event]]:
         if stage == "watermark" and broken.is_set():
             raise InjectedFault("watermark disabled by the test")
 
-    running = LocalStack(tmp_path / "state", config=EngineConfig(detector="rekognition", real_rekognition=False),
-                         fault_hook=hook)
+    running = LocalStack(
+        tmp_path / "state",
+        config=EngineConfig(detector="rekognition", real_rekognition=False),
+        fault_hook=hook,
+    )
     running.start()
     try:
         yield running, broken
@@ -45,7 +58,9 @@ def stack(tmp_path: Path) -> Iterator[tuple[LocalStack, threading.Event]]:
         running.stop()
 
 
-def test_serve_page_shows_runs_and_replays_failure(stack: tuple[LocalStack, threading.Event]) -> None:
+def test_serve_page_shows_runs_and_replays_failure(
+    stack: tuple[LocalStack, threading.Event],
+) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     running, broken = stack
@@ -67,7 +82,9 @@ def test_serve_page_shows_runs_and_replays_failure(stack: tuple[LocalStack, thre
         expect(page.locator("#detail-status")).to_have_text("SUCCEEDED")
         expect(page.locator('g.state.succeeded[data-state="Store"]')).to_have_count(1)
         expect(page.locator("#events tbody tr").last).to_contain_text("ExecutionSucceeded")
-        page.wait_for_function("document.getElementById('output-image').naturalWidth > 0", timeout=10_000)
+        page.wait_for_function(
+            "document.getElementById('output-image').naturalWidth > 0", timeout=10_000
+        )
         expect(page.locator("#replay")).to_be_hidden()
 
         # GIVEN an upload while Watermark fails, THEN the run fails with Watermark marked red
@@ -85,7 +102,9 @@ def test_serve_page_shows_runs_and_replays_failure(stack: tuple[LocalStack, thre
         page.locator("#replay").click()
 
         # THEN the page follows the new attempt, which succeeds without running Detect again
-        expect(page.locator("#detail-name")).to_have_text(re.compile(r"^bad\.jpg-\w+-r2$"), timeout=5_000)
+        expect(page.locator("#detail-name")).to_have_text(
+            re.compile(r"^bad\.jpg-\w+-r2$"), timeout=5_000
+        )
         expect(page.locator("#detail-status")).to_have_text("SUCCEEDED", timeout=20_000)
         expect(page.locator("#detail-info")).to_contain_text("from Watermark")
         assert running.engine.dispatcher.invocations["detect"] == detect_calls

@@ -30,10 +30,16 @@ from workflow.records import (
     state_runs,
 )
 
-__all__ = ["executions", "show", "replay", "serve", "parse_since"]
+__all__ = ["executions", "parse_since", "replay", "serve", "show"]
 
 _STATUSES = ["RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"]
-_STATUS_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "RUNNING": "cyan", "TIMED_OUT": "red", "ABORTED": "yellow"}
+_STATUS_STYLE = {
+    "SUCCEEDED": "green",
+    "FAILED": "red",
+    "RUNNING": "cyan",
+    "TIMED_OUT": "red",
+    "ABORTED": "yellow",
+}
 _SINCE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -44,23 +50,31 @@ def parse_since(text: str | None) -> dt.datetime | None:
         return None
     match = _SINCE.match(text)
     if match is None:
-        raise click.BadParameter(f"{text!r} is not a duration; use a number and s, m, h, d or w, such as 1h or 2d")
+        raise click.BadParameter(
+            f"{text!r} is not a duration; use a number and s, m, h, d or w, such as 1h or 2d"
+        )
     return dt.datetime.now(dt.UTC) - dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
 def _state_dir_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--state-dir", type=click.Path(path_type=Path, file_okay=False), default=None, envvar=STATE_DIR_ENV,
+        "--state-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=None,
+        envvar=STATE_DIR_ENV,
         help="Folder of the execution records and kept uploads [default: .labelmark].",
     )(function)
 
 
 def _cloud_options(function: Callable[..., Any]) -> Callable[..., Any]:
     function = click.option(
-        "--state-machine-arn", envvar="LABELMARK_STATE_MACHINE_ARN",
+        "--state-machine-arn",
+        envvar="LABELMARK_STATE_MACHINE_ARN",
         help="ARN of the deployed state machine, for --cloud.",
     )(function)
-    return click.option("--cloud", is_flag=True, help="Work on the deployed state machine in AWS Step Functions.")(function)
+    return click.option(
+        "--cloud", is_flag=True, help="Work on the deployed state machine in AWS Step Functions."
+    )(function)
 
 
 def _console() -> Console:
@@ -73,7 +87,9 @@ def _open_store(state_dir: Path | None) -> ExecutionStore:
 
 def _require_arn(arn: str | None) -> str:
     if not arn:
-        raise click.UsageError("--cloud needs the state machine's ARN: pass --state-machine-arn or set LABELMARK_STATE_MACHINE_ARN")
+        raise click.UsageError(
+            "--cloud needs the state machine's ARN: pass --state-machine-arn or set LABELMARK_STATE_MACHINE_ARN"
+        )
     return arn
 
 
@@ -94,11 +110,21 @@ def _status(status: str) -> str:
 
 
 @click.command()
-@click.option("--status", type=click.Choice(_STATUSES), default=None, help="Only executions with this status.")
-@click.option("--since", default=None, help="Only executions started within this time, such as 30m, 1h or 2d.")
+@click.option(
+    "--status", type=click.Choice(_STATUSES), default=None, help="Only executions with this status."
+)
+@click.option(
+    "--since", default=None, help="Only executions started within this time, such as 30m, 1h or 2d."
+)
 @_state_dir_option
 @_cloud_options
-def executions(status: str | None, since: str | None, state_dir: Path | None, cloud: bool, state_machine_arn: str | None) -> None:
+def executions(
+    status: str | None,
+    since: str | None,
+    state_dir: Path | None,
+    cloud: bool,
+    state_machine_arn: str | None,
+) -> None:
     """List executions, newest first: status, source key, labels and duration.
 
     Example: labelmark executions --status FAILED --since 1h
@@ -109,22 +135,37 @@ def executions(status: str | None, since: str | None, state_dir: Path | None, cl
         from workflow import cloud as aws
 
         table = Table("Execution", "Status", "Started (UTC)", "Stopped (UTC)", "Redrives")
-        for item in aws.list_executions(aws.client(), _require_arn(state_machine_arn), status=status, since=started_after):
-            table.add_row(escape(item["name"]), _status(item["status"]), _time(item.get("startDate")),
-                          _time(item.get("stopDate")), str(item.get("redriveCount", 0)))
+        for item in aws.list_executions(
+            aws.client(), _require_arn(state_machine_arn), status=status, since=started_after
+        ):
+            table.add_row(
+                escape(item["name"]),
+                _status(item["status"]),
+                _time(item.get("startDate")),
+                _time(item.get("stopDate")),
+                str(item.get("redriveCount", 0)),
+            )
         console.print(table)
         return
 
     with _open_store(state_dir) as store:
         records = store.list(status=status, since=started_after)
     if not records:
-        console.print("no executions recorded" + (f" with status {status}" if status else "") + (f" since {since}" if since else ""))
+        console.print(
+            "no executions recorded"
+            + (f" with status {status}" if status else "")
+            + (f" since {since}" if since else "")
+        )
         return
     table = Table("Execution", "Status", "Key", "Labels", "Started (UTC)", "Duration", "Replay of")
     for record in records:
         table.add_row(
-            escape(record.name), _status(record.status), escape(record.source_key or "-"),
-            escape(", ".join(record.labels[:3]) or "-"), _time(record.started), _seconds(record.seconds),
+            escape(record.name),
+            _status(record.status),
+            escape(record.source_key or "-"),
+            escape(", ".join(record.labels[:3]) or "-"),
+            _time(record.started),
+            _seconds(record.seconds),
             escape(record.replay_of or "-"),
         )
     console.print(table)
@@ -143,8 +184,16 @@ def cloud_event_records(events: list[dict[str, Any]]) -> list[EventRecord]:
         if kind.endswith("StateEntered"):
             current = details.get("name")
         state = details.get("name") if kind.endswith("StateExited") else current
-        records.append(EventRecord(int(event["id"]), event.get("previousEventId"), kind, event["timestamp"],
-                                   None if kind.startswith("Execution") else state, details))
+        records.append(
+            EventRecord(
+                int(event["id"]),
+                event.get("previousEventId"),
+                kind,
+                event["timestamp"],
+                None if kind.startswith("Execution") else state,
+                details,
+            )
+        )
     return records
 
 
@@ -153,9 +202,22 @@ def _print_states(console: Console, runs: list[StateRun], started: dt.datetime) 
     for run in runs:
         offset = (run.entered - started).total_seconds()
         error = f"{run.error}: {_message(run.cause)}" if run.error else ""
-        style = "red" if run.status in ("failed", "caught") else "green" if run.status == "succeeded" else "cyan"
-        table.add_row(escape(run.name), run.state_type, f"[{style}]{run.status}[/{style}]", f"+{offset:.3f} s",
-                      _seconds(run.seconds), str(run.retries), escape(error))
+        style = (
+            "red"
+            if run.status in ("failed", "caught")
+            else "green"
+            if run.status == "succeeded"
+            else "cyan"
+        )
+        table.add_row(
+            escape(run.name),
+            run.state_type,
+            f"[{style}]{run.status}[/{style}]",
+            f"+{offset:.3f} s",
+            _seconds(run.seconds),
+            str(run.retries),
+            escape(error),
+        )
     console.print(table)
 
 
@@ -171,7 +233,9 @@ def _message(cause: str | None) -> str:
 @click.argument("execution")
 @_state_dir_option
 @_cloud_options
-def show(execution: str, state_dir: Path | None, cloud: bool, state_machine_arn: str | None) -> None:
+def show(
+    execution: str, state_dir: Path | None, cloud: bool, state_machine_arn: str | None
+) -> None:
     """Print one execution's states in order with timings, retries and errors.
 
     EXECUTION is an execution name (with --cloud, a name or an execution ARN).
@@ -186,16 +250,22 @@ def show(execution: str, state_dir: Path | None, cloud: bool, state_machine_arn:
     with _open_store(state_dir) as store:
         record = store.get(execution)
         if record is None:
-            raise click.ClickException(f"no execution named {execution!r} in {store.state_dir}; list them with 'labelmark executions'")
+            raise click.ClickException(
+                f"no execution named {execution!r} in {store.state_dir}; list them with 'labelmark executions'"
+            )
         events = store.events(execution)
     _print_header(console, record)
     _print_states(console, state_runs(events), record.started)
 
 
 def _print_header(console: Console, record: ExecutionRecord) -> None:
-    console.print(f"[bold]{escape(record.name)}[/bold]  {_status(record.status)}  attempt {record.attempt}")
+    console.print(
+        f"[bold]{escape(record.name)}[/bold]  {_status(record.status)}  attempt {record.attempt}"
+    )
     if record.source_key:
-        console.print(f"source    s3://{escape(record.source_bucket or '')}/{escape(record.source_key)}  ETag {record.source_etag}")
+        console.print(
+            f"source    s3://{escape(record.source_bucket or '')}/{escape(record.source_key)}  ETag {record.source_etag}"
+        )
     console.print(f"started   {_time(record.started)} UTC  duration {_seconds(record.seconds)}")
     if record.replay_of:
         start = f"from {record.resumed_from}" if record.resumed_from else "from the start"
@@ -211,16 +281,28 @@ def _show_cloud(console: Console, execution: str, state_machine_arn: str | None)
     from workflow import cloud as aws
 
     sfn = aws.client()
-    arn = execution if execution.startswith("arn:") else _execution_arn(_require_arn(state_machine_arn), execution)
+    arn = (
+        execution
+        if execution.startswith("arn:")
+        else _execution_arn(_require_arn(state_machine_arn), execution)
+    )
     description = aws.describe(sfn, arn)
     started = description["startDate"]
     stopped = description.get("stopDate")
-    console.print(f"[bold]{escape(description['name'])}[/bold]  {_status(description['status'])}  "
-                  f"redrives {description.get('redriveCount', 0)}")
-    console.print(f"started   {_time(started)} UTC  duration {_seconds((stopped - started).total_seconds() if stopped else None)}")
+    console.print(
+        f"[bold]{escape(description['name'])}[/bold]  {_status(description['status'])}  "
+        f"redrives {description.get('redriveCount', 0)}"
+    )
+    console.print(
+        f"started   {_time(started)} UTC  duration {_seconds((stopped - started).total_seconds() if stopped else None)}"
+    )
     if description.get("error"):
-        console.print(f"error     {escape(description['error'])}: {escape(_message(description.get('cause')))}")
-    _print_states(console, state_runs(cloud_event_records(aws.execution_history(sfn, arn))), started)
+        console.print(
+            f"error     {escape(description['error'])}: {escape(_message(description.get('cause')))}"
+        )
+    _print_states(
+        console, state_runs(cloud_event_records(aws.execution_history(sfn, arn))), started
+    )
 
 
 def _execution_arn(state_machine_arn: str, name: str) -> str:
@@ -233,15 +315,37 @@ def _execution_arn(state_machine_arn: str, name: str) -> str:
 
 @click.command()
 @click.argument("names", nargs=-1, metavar="[EXECUTION]...")
-@click.option("--failed", "all_failed", is_flag=True, help="Replay every failed run not replayed successfully yet.")
-@click.option("--since", default=None, help="With --failed: only runs started within this time, such as 1h.")
-@click.option("--dry-run", is_flag=True, help="Print what would be replayed and from which state, then stop.")
-@click.option("--max-concurrency", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="With --cloud: redrives or starts in flight at the same time.")
+@click.option(
+    "--failed",
+    "all_failed",
+    is_flag=True,
+    help="Replay every failed run not replayed successfully yet.",
+)
+@click.option(
+    "--since", default=None, help="With --failed: only runs started within this time, such as 1h."
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print what would be replayed and from which state, then stop."
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="With --cloud: redrives or starts in flight at the same time.",
+)
 @_state_dir_option
 @_cloud_options
-def replay(names: tuple[str, ...], all_failed: bool, since: str | None, dry_run: bool, max_concurrency: int,
-           state_dir: Path | None, cloud: bool, state_machine_arn: str | None) -> None:
+def replay(
+    names: tuple[str, ...],
+    all_failed: bool,
+    since: str | None,
+    dry_run: bool,
+    max_concurrency: int,
+    state_dir: Path | None,
+    cloud: bool,
+    state_machine_arn: str | None,
+) -> None:
     """Replay failed runs, resuming at the failed stage where earlier results still hold.
 
     Locally a replay is a new execution named <first attempt>-r<n>. With --cloud, runs are
@@ -255,13 +359,19 @@ def replay(names: tuple[str, ...], all_failed: bool, since: str | None, dry_run:
     started_after = parse_since(since)
     console = _console()
     if cloud:
-        _replay_cloud(console, names, started_after, dry_run, max_concurrency, _require_arn(state_machine_arn))
+        _replay_cloud(
+            console, names, started_after, dry_run, max_concurrency, _require_arn(state_machine_arn)
+        )
         return
 
     from workflow.replay import replay_candidates
 
     with _open_store(state_dir) as store:
-        targets = [record.name for record in replay_candidates(store, started_after)] if all_failed else list(names)
+        targets = (
+            [record.name for record in replay_candidates(store, started_after)]
+            if all_failed
+            else list(names)
+        )
         if not targets:
             console.print("no failed executions to replay")
             return
@@ -280,17 +390,23 @@ def _replay_local(console: Console, store: ExecutionStore, names: list[str], dry
     groups: dict[str, list[str]] = {}
     for name in names:
         record = store.get(name)
-        groups.setdefault(json.dumps(record.engine_config if record else {}, sort_keys=True), []).append(name)
+        groups.setdefault(
+            json.dumps(record.engine_config if record else {}, sort_keys=True), []
+        ).append(name)
 
     ok = True
     for config_json, group in groups.items():
         fields = {field.name for field in dataclasses.fields(EngineConfig)}
-        config = EngineConfig(**{key: value for key, value in json.loads(config_json).items() if key in fields})
+        config = EngineConfig(
+            **{key: value for key, value in json.loads(config_json).items() if key in fields}
+        )
         with LocalEngine(config, recorder=Recorder(store)) as engine:
             for name in group:
                 try:
                     if dry_run:
-                        console.print(f"would replay {escape(plan_replay(engine, store, name).describe())}")
+                        console.print(
+                            f"would replay {escape(plan_replay(engine, store, name).describe())}"
+                        )
                         continue
                     plan, result = replay_one(engine, store, name)
                 except ReplayError as exc:
@@ -302,16 +418,28 @@ def _replay_local(console: Console, store: ExecutionStore, names: list[str], dry
     return ok
 
 
-def _replay_cloud(console: Console, names: tuple[str, ...], since: dt.datetime | None, dry_run: bool,
-                  max_concurrency: int, state_machine_arn: str) -> None:
+def _replay_cloud(
+    console: Console,
+    names: tuple[str, ...],
+    since: dt.datetime | None,
+    dry_run: bool,
+    max_concurrency: int,
+    state_machine_arn: str,
+) -> None:
     from workflow import cloud as aws
 
     sfn = aws.client()
     if names:
-        arns = [name if name.startswith("arn:") else _execution_arn(state_machine_arn, name) for name in names]
+        arns = [
+            name if name.startswith("arn:") else _execution_arn(state_machine_arn, name)
+            for name in names
+        ]
     else:
-        arns = [item["executionArn"] for status in sorted(FAILED_STATUSES)
-                for item in aws.list_executions(sfn, state_machine_arn, status=status, since=since)]
+        arns = [
+            item["executionArn"]
+            for status in sorted(FAILED_STATUSES)
+            for item in aws.list_executions(sfn, state_machine_arn, status=status, since=since)
+        ]
     if not arns:
         console.print("no failed executions to replay")
         return
@@ -324,11 +452,15 @@ def _replay_cloud(console: Console, names: tuple[str, ...], since: dt.datetime |
     for outcome in aws.replay_all(sfn, plans, max_concurrency=max_concurrency):
         if outcome.error:
             failed = True
-            console.print(f"[red]{outcome.action} failed[/red] {escape(outcome.name)}: {escape(outcome.error)}")
+            console.print(
+                f"[red]{outcome.action} failed[/red] {escape(outcome.name)}: {escape(outcome.error)}"
+            )
         elif outcome.action == "skip":
             console.print(f"skipped {escape(outcome.name)} ({escape(outcome.reason)})")
         else:
-            console.print(f"{outcome.action} {escape(outcome.name)}: {escape(outcome.new_execution_arn or '')}")
+            console.print(
+                f"{outcome.action} {escape(outcome.name)}: {escape(outcome.new_execution_arn or '')}"
+            )
     if failed:
         sys.exit(1)
 
@@ -337,13 +469,35 @@ def _replay_cloud(console: Console, names: tuple[str, ...], since: dt.datetime |
 
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only by default).")
-@click.option("--s3-port", type=click.IntRange(0, 65535), default=5000, show_default=True,
-              help="Port of the S3-compatible endpoint; 0 picks a free one.")
-@click.option("--port", "web_port", type=click.IntRange(0, 65535), default=8080, show_default=True,
-              help="Port of the web page; 0 picks a free one.")
-@click.option("--detector", type=click.Choice(["local", "rekognition"]), default="local", show_default=True,
-              envvar="DETECTOR_BACKEND", help="Label backend: the offline model, or Amazon Rekognition.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (loopback only by default).",
+)
+@click.option(
+    "--s3-port",
+    type=click.IntRange(0, 65535),
+    default=5000,
+    show_default=True,
+    help="Port of the S3-compatible endpoint; 0 picks a free one.",
+)
+@click.option(
+    "--port",
+    "web_port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port of the web page; 0 picks a free one.",
+)
+@click.option(
+    "--detector",
+    type=click.Choice(["local", "rekognition"]),
+    default="local",
+    show_default=True,
+    envvar="DETECTOR_BACKEND",
+    help="Label backend: the offline model, or Amazon Rekognition.",
+)
 @_state_dir_option
 def serve(host: str, s3_port: int, web_port: int, detector: str, state_dir: Path | None) -> None:
     """Run the pipeline behind a local S3 endpoint, with a web page of its executions.
@@ -355,8 +509,13 @@ def serve(host: str, s3_port: int, web_port: int, detector: str, state_dir: Path
     from workflow.engine import EngineConfig
     from workflow.server import LocalStack
 
-    stack = LocalStack(state_dir or default_state_dir(), host=host, s3_port=s3_port, web_port=web_port,
-                       config=EngineConfig(detector=detector))
+    stack = LocalStack(
+        state_dir or default_state_dir(),
+        host=host,
+        s3_port=s3_port,
+        web_port=web_port,
+        config=EngineConfig(detector=detector),
+    )
     try:
         stack.start()
     except (OSError, RuntimeError) as exc:
@@ -365,7 +524,9 @@ def serve(host: str, s3_port: int, web_port: int, detector: str, state_dir: Path
     click.echo(f"source bucket   s3://{stack.config.source_bucket}")
     click.echo(f"processed bucket s3://{stack.config.processed_bucket}")
     click.echo(f"executions page {stack.web_url}")
-    click.echo(f"example: aws --endpoint-url {stack.s3_url} s3 cp photo.jpg s3://{stack.config.source_bucket}/")
+    click.echo(
+        f"example: aws --endpoint-url {stack.s3_url} s3 cp photo.jpg s3://{stack.config.source_bucket}/"
+    )
     click.echo("press Ctrl-C to stop")
     try:
         stack.wait()

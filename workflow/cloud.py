@@ -27,9 +27,9 @@ __all__ = [
     "REDRIVE_WINDOW",
     "CloudReplay",
     "client",
-    "list_executions",
-    "execution_history",
     "describe",
+    "execution_history",
+    "list_executions",
     "plan_replays",
     "replay_all",
 ]
@@ -49,12 +49,20 @@ def client(region: str | None = None) -> Any:
     from botocore.config import Config
 
     return boto3.client(
-        "stepfunctions", region_name=region, config=Config(retries={"mode": "standard", "max_attempts": 8})
+        "stepfunctions",
+        region_name=region,
+        config=Config(retries={"mode": "standard", "max_attempts": 8}),
     )
 
 
-def with_backoff(call: Callable[[], T], *, attempts: int = 6, base: float = 0.5, cap: float = 20.0,
-                 sleep: Callable[[float], None] = time.sleep) -> T:
+def with_backoff(
+    call: Callable[[], T],
+    *,
+    attempts: int = 6,
+    base: float = 0.5,
+    cap: float = 20.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
     """Run CALL, retrying ThrottlingException with full-jitter exponential backoff.
 
     botocore's standard mode already retries throttling a few times; this outer loop covers a
@@ -70,7 +78,9 @@ def with_backoff(call: Callable[[], T], *, attempts: int = 6, base: float = 0.5,
             if code not in _THROTTLING_CODES or attempt == attempts - 1:
                 raise
             delay = random.uniform(0, min(cap, base * 2**attempt))
-            logger.warning("Step Functions throttled the request (%s); retrying in %.2f s", code, delay)
+            logger.warning(
+                "Step Functions throttled the request (%s); retrying in %.2f s", code, delay
+            )
             sleep(delay)
     raise AssertionError("unreachable")
 
@@ -126,7 +136,9 @@ class CloudReplay:
     error: str | None = None
 
 
-def plan_replays(sfn: Any, execution_arns: list[str], *, now: dt.datetime | None = None) -> list[CloudReplay]:
+def plan_replays(
+    sfn: Any, execution_arns: list[str], *, now: dt.datetime | None = None
+) -> list[CloudReplay]:
     """Decide for each execution whether it is redriven, started again or skipped."""
     now = now or dt.datetime.now(dt.UTC)
     return [_plan_one(describe(sfn, arn), now) for arn in execution_arns]
@@ -135,11 +147,18 @@ def plan_replays(sfn: Any, execution_arns: list[str], *, now: dt.datetime | None
 def _plan_one(description: dict[str, Any], now: dt.datetime) -> CloudReplay:
     arn, name, status = description["executionArn"], description["name"], description["status"]
     if status not in _FAILED:
-        return CloudReplay(arn, name, "skip", f"execution is {status}; only FAILED, TIMED_OUT and ABORTED runs are replayed")
+        return CloudReplay(
+            arn,
+            name,
+            "skip",
+            f"execution is {status}; only FAILED, TIMED_OUT and ABORTED runs are replayed",
+        )
 
     redrive_status = description.get("redriveStatus")
     if redrive_status == "REDRIVABLE":
-        return CloudReplay(arn, name, "redrive", f"redrive number {int(description.get('redriveCount', 0)) + 1}")
+        return CloudReplay(
+            arn, name, "redrive", f"redrive number {int(description.get('redriveCount', 0)) + 1}"
+        )
     if redrive_status is None:
         # Older responses carry no verdict; apply the documented window instead.
         stopped = description.get("stopDate")
@@ -149,9 +168,13 @@ def _plan_one(description: dict[str, Any], now: dt.datetime) -> CloudReplay:
     return CloudReplay(arn, name, "start", f"{reason}; starting again with the original input")
 
 
-def replay_all(sfn: Any, plans: list[CloudReplay], *, max_concurrency: int = 4) -> list[CloudReplay]:
+def replay_all(
+    sfn: Any, plans: list[CloudReplay], *, max_concurrency: int = 4
+) -> list[CloudReplay]:
     """Carry out PLANS, at most MAX_CONCURRENCY at a time; return each plan with its outcome."""
-    with ThreadPoolExecutor(max_workers=max(1, max_concurrency), thread_name_prefix="labelmark-redrive") as pool:
+    with ThreadPoolExecutor(
+        max_workers=max(1, max_concurrency), thread_name_prefix="labelmark-redrive"
+    ) as pool:
         return list(pool.map(lambda plan: _replay_one(sfn, plan), plans))
 
 
@@ -167,8 +190,13 @@ def _replay_one(sfn: Any, plan: CloudReplay) -> CloudReplay:
     except ClientError as exc:
         error = exc.response.get("Error", {})
         logger.error("replay of %s failed: %s", plan.execution_arn, error)
-        return CloudReplay(plan.execution_arn, plan.name, plan.action, plan.reason,
-                           error=f"{error.get('Code')}: {error.get('Message')}")
+        return CloudReplay(
+            plan.execution_arn,
+            plan.name,
+            plan.action,
+            plan.reason,
+            error=f"{error.get('Code')}: {error.get('Message')}",
+        )
     return plan
 
 
@@ -182,7 +210,9 @@ def _start_again(sfn: Any, plan: CloudReplay) -> str:
         try:
             response = with_backoff(
                 lambda: sfn.start_execution(
-                    stateMachineArn=description["stateMachineArn"], name=name, input=description.get("input") or "{}"
+                    stateMachineArn=description["stateMachineArn"],
+                    name=name,
+                    input=description.get("input") or "{}",
                 )
             )
         except ClientError as exc:
@@ -194,7 +224,9 @@ def _start_again(sfn: Any, plan: CloudReplay) -> str:
 
 
 def _done(plan: CloudReplay, new_arn: str) -> CloudReplay:
-    return CloudReplay(plan.execution_arn, plan.name, plan.action, plan.reason, new_execution_arn=new_arn)
+    return CloudReplay(
+        plan.execution_arn, plan.name, plan.action, plan.reason, new_execution_arn=new_arn
+    )
 
 
 def input_of(description: dict[str, Any]) -> dict[str, Any]:

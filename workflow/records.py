@@ -30,16 +30,16 @@ if TYPE_CHECKING:
     from workflow.engine import LocalEngine
 
 __all__ = [
-    "STATE_DIR_ENV",
     "FAILED_STATUSES",
-    "ExecutionRecord",
+    "STATE_DIR_ENV",
     "EventRecord",
-    "StateRun",
+    "ExecutionRecord",
     "ExecutionStore",
     "Recorder",
+    "StateRun",
     "default_state_dir",
-    "state_runs",
     "failed_task_state",
+    "state_runs",
 ]
 
 STATE_DIR_ENV = "LABELMARK_STATE_DIR"
@@ -331,7 +331,9 @@ class ExecutionStore:
                 details = _details_of(event)
                 if event["type"].endswith("StateEntered"):
                     current_state = details.get("name")
-                state = details.get("name") if event["type"].endswith("StateExited") else current_state
+                state = (
+                    details.get("name") if event["type"].endswith("StateExited") else current_state
+                )
                 if event["type"].startswith("Execution"):
                     state = None
                 connection.execute(
@@ -388,7 +390,8 @@ class ExecutionStore:
         names = [
             str(row["name"])
             for row in rows
-            if row["owner_pid"] == pid or (pid is None and not _pid_alive(int(row["owner_pid"] or 0)))
+            if row["owner_pid"] == pid
+            or (pid is None and not _pid_alive(int(row["owner_pid"] or 0)))
         ]
         now = dt.datetime.now(dt.UTC)
         for name in names:
@@ -404,10 +407,14 @@ class ExecutionStore:
     def get(self, name: str) -> ExecutionRecord | None:
         """Return the execution named NAME, or None."""
         with self._lock:
-            row = self._connection.execute("SELECT * FROM executions WHERE name = ?", (name,)).fetchone()
+            row = self._connection.execute(
+                "SELECT * FROM executions WHERE name = ?", (name,)
+            ).fetchone()
         return None if row is None else _record(row)
 
-    def list(self, *, status: str | None = None, since: dt.datetime | None = None) -> list[ExecutionRecord]:
+    def list(
+        self, *, status: str | None = None, since: dt.datetime | None = None
+    ) -> list[ExecutionRecord]:
         """Return executions, newest first, optionally only one status or those started after SINCE."""
         query = "SELECT * FROM executions WHERE 1 = 1"
         parameters: list[Any] = []
@@ -505,7 +512,12 @@ def state_runs(events: list[EventRecord]) -> list[StateRun]:
             continue
         elif kind in ("TaskScheduled", "LambdaFunctionScheduled"):
             current.attempts += 1
-        elif kind in ("TaskFailed", "TaskTimedOut", "LambdaFunctionFailed", "LambdaFunctionTimedOut"):
+        elif kind in (
+            "TaskFailed",
+            "TaskTimedOut",
+            "LambdaFunctionFailed",
+            "LambdaFunctionTimedOut",
+        ):
             current.status = "failed"
             current.error = event.details.get("error")
             current.cause = event.details.get("cause")
@@ -531,9 +543,17 @@ def failed_task_state(events: list[EventRecord]) -> StateRun | None:
     """
     lambda_states: set[str] = set()
     for event in events:
-        if event.type == "TaskScheduled" and event.details.get("resourceType") == "lambda" and event.state:
+        if (
+            event.type == "TaskScheduled"
+            and event.details.get("resourceType") == "lambda"
+            and event.state
+        ):
             lambda_states.add(event.state)
-    failed = [run for run in state_runs(events) if run.name in lambda_states and run.status in ("failed", "caught")]
+    failed = [
+        run
+        for run in state_runs(events)
+        if run.name in lambda_states and run.status in ("failed", "caught")
+    ]
     return failed[-1] if failed else None
 
 
@@ -559,7 +579,9 @@ class Recorder:
         self._engine = engine
         abandoned = self.store.mark_abandoned()
         if abandoned:
-            logger.warning("marked %d executions of ended processes as ABORTED: %s", len(abandoned), abandoned)
+            logger.warning(
+                "marked %d executions of ended processes as ABORTED: %s", len(abandoned), abandoned
+            )
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll, name="labelmark-recorder", daemon=True)
         self._thread.start()
@@ -668,5 +690,7 @@ class Recorder:
         while not self._stop.wait(self.interval):
             try:
                 self.sync_all()
-            except Exception:  # noqa: BLE001 - the next poll tries again; one bad read must not stop recording
-                logger.exception("copying execution history failed; retrying in %.1f s", self.interval)
+            except Exception:
+                logger.exception(
+                    "copying execution history failed; retrying in %.1f s", self.interval
+                )

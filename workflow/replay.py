@@ -23,7 +23,14 @@ from typing import Any
 from workflow.engine import LocalEngine, RunResult
 from workflow.records import FAILED_STATUSES, ExecutionRecord, ExecutionStore, failed_task_state
 
-__all__ = ["ReplayError", "ReplayPlan", "plan_replay", "replay", "replay_candidates", "derive_definition"]
+__all__ = [
+    "ReplayError",
+    "ReplayPlan",
+    "derive_definition",
+    "plan_replay",
+    "replay",
+    "replay_candidates",
+]
 
 _NAME_MAX = 80
 
@@ -81,9 +88,13 @@ def plan_replay(engine: LocalEngine, store: ExecutionStore, name: str) -> Replay
         engine.recorder.sync(name)
     record = store.get(name)
     if record is None:
-        raise ReplayError(f"no execution named {name!r} in {store.state_dir}; list them with 'labelmark executions'")
+        raise ReplayError(
+            f"no execution named {name!r} in {store.state_dir}; list them with 'labelmark executions'"
+        )
     if record.status not in FAILED_STATUSES:
-        raise ReplayError(f"execution {name!r} is {record.status}; only FAILED, TIMED_OUT and ABORTED runs are replayed")
+        raise ReplayError(
+            f"execution {name!r} is {record.status}; only FAILED, TIMED_OUT and ABORTED runs are replayed"
+        )
 
     _restore_source(engine, store, record)
     root = store.root_of(name)
@@ -98,7 +109,9 @@ def plan_replay(engine: LocalEngine, store: ExecutionStore, name: str) -> Replay
     if failed.name == "Store":
         staged = _stage_input(store, name, "Store")
         if staged is not None and _staging_exists(engine, staged):
-            return ReplayPlan(record, new_name, attempt, "Store", staged, "Detect and Watermark results reused")
+            return ReplayPlan(
+                record, new_name, attempt, "Store", staged, "Detect and Watermark results reused"
+            )
         failed_name = "Watermark"
     else:
         failed_name = failed.name
@@ -106,12 +119,19 @@ def plan_replay(engine: LocalEngine, store: ExecutionStore, name: str) -> Replay
         watermark_input = _stage_input(store, name, "Watermark")
         if watermark_input is not None and "detect" in watermark_input:
             return ReplayPlan(
-                record, new_name, attempt, "Watermark", watermark_input, "Detect result reused, source ETag unchanged"
+                record,
+                new_name,
+                attempt,
+                "Watermark",
+                watermark_input,
+                "Detect result reused, source ETag unchanged",
             )
     return ReplayPlan(record, new_name, attempt, None, first_input, f"failed at {failed.name}")
 
 
-def replay(engine: LocalEngine, store: ExecutionStore, name: str, *, timeout: float = 600.0) -> tuple[ReplayPlan, RunResult]:
+def replay(
+    engine: LocalEngine, store: ExecutionStore, name: str, *, timeout: float = 600.0
+) -> tuple[ReplayPlan, RunResult]:
     """Replay the failed run NAME on ENGINE, record it as a new attempt and wait for its end."""
     plan = plan_replay(engine, store, name)
     state_machine_arn = engine.state_machine_arn
@@ -140,7 +160,11 @@ def replay(engine: LocalEngine, store: ExecutionStore, name: str, *, timeout: fl
 
 
 def _stage_input(store: ExecutionStore, name: str, state: str) -> dict[str, Any] | None:
-    visits = [event for event in store.events(name) if event.type.endswith("StateEntered") and event.state == state]
+    visits = [
+        event
+        for event in store.events(name)
+        if event.type.endswith("StateEntered") and event.state == state
+    ]
     if not visits:
         return None
     parsed = json.loads(visits[-1].details.get("input") or "null")
@@ -164,7 +188,9 @@ def _restore_source(engine: LocalEngine, store: ExecutionStore, record: Executio
         return
     s3 = engine.s3
     try:
-        current = str(s3.head_object(Bucket=record.source_bucket, Key=record.source_key)["ETag"]).strip('"')
+        current = str(
+            s3.head_object(Bucket=record.source_bucket, Key=record.source_key)["ETag"]
+        ).strip('"')
     except s3.exceptions.ClientError:
         current = None
     if current is None:
@@ -174,7 +200,9 @@ def _restore_source(engine: LocalEngine, store: ExecutionStore, record: Executio
                 f"cannot replay {record.name!r}: s3://{record.source_bucket}/{record.source_key} is gone and "
                 f"its bytes were not kept in {store.state_dir / 'objects'}; upload it again instead"
             )
-        current = str(s3.put_object(Bucket=record.source_bucket, Key=record.source_key, Body=body)["ETag"]).strip('"')
+        current = str(
+            s3.put_object(Bucket=record.source_bucket, Key=record.source_key, Body=body)["ETag"]
+        ).strip('"')
     if record.source_etag and current != record.source_etag.strip('"'):
         raise ReplayError(
             f"cannot replay {record.name!r}: s3://{record.source_bucket}/{record.source_key} changed since the run "

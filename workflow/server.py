@@ -25,7 +25,7 @@ from workflow.dispatch import FaultHook
 from workflow.engine import EngineConfig, LocalEngine, object_created_event
 from workflow.records import ExecutionRecord, ExecutionStore, Recorder, state_runs
 
-__all__ = ["LocalStack", "POLL_INTERVAL"]
+__all__ = ["POLL_INTERVAL", "LocalStack"]
 
 POLL_INTERVAL = 0.5
 WEB_DIR = Path(__file__).with_name("web")
@@ -101,8 +101,10 @@ class LocalStack:
         while not self._stopped.wait(POLL_INTERVAL):
             try:
                 self._start_new_runs()
-            except Exception:  # noqa: BLE001 - the next poll tries again
-                logger.exception("listing the source bucket failed; retrying in %.1f s", POLL_INTERVAL)
+            except Exception:
+                logger.exception(
+                    "listing the source bucket failed; retrying in %.1f s", POLL_INTERVAL
+                )
 
     def _start_new_runs(self) -> None:
         from functions.common.events import encode_key
@@ -116,16 +118,23 @@ class LocalStack:
                     continue
                 self._seen.add((item["Key"], etag))
                 if item["Size"] > 0:
-                    body = s3.get_object(Bucket=bucket, Key=item["Key"], IfMatch=item["ETag"])["Body"].read()
+                    body = s3.get_object(Bucket=bucket, Key=item["Key"], IfMatch=item["ETag"])[
+                        "Body"
+                    ].read()
                     self.store.record_upload(bucket, item["Key"], etag, body)
-                event = object_created_event(bucket, encode_key(item["Key"]), int(item["Size"]), etag,
-                                             sequencer=f"{item['LastModified'].timestamp():.6f}")
+                event = object_created_event(
+                    bucket,
+                    encode_key(item["Key"]),
+                    int(item["Size"]),
+                    etag,
+                    sequencer=f"{item['LastModified'].timestamp():.6f}",
+                )
                 self._runs.submit(self._run, event)
 
     def _run(self, event: dict[str, Any]) -> None:
         try:
             self.engine.run(event)
-        except Exception:  # noqa: BLE001 - a run that cannot start is logged, the server goes on
+        except Exception:
             logger.exception("execution for %s failed to run", event["detail"]["object"]["key"])
 
     # -- API -------------------------------------------------------------------------------
@@ -142,12 +151,14 @@ class LocalStack:
     def _replay(self, replay: Any, name: str) -> None:
         try:
             replay(self.engine, self.store, name)
-        except Exception:  # noqa: BLE001 - the page shows the record; the log has the reason
+        except Exception:
             logger.exception("replay of %s failed", name)
 
     def definition(self) -> dict[str, Any]:
         """Return the state machine definition the engine runs."""
-        text = self.engine.sfn.describe_state_machine(stateMachineArn=self.engine.state_machine_arn)["definition"]
+        text = self.engine.sfn.describe_state_machine(
+            stateMachineArn=self.engine.state_machine_arn
+        )["definition"]
         return dict(json.loads(text))
 
     def output_image(self, name: str) -> tuple[bytes, str] | None:
@@ -157,7 +168,9 @@ class LocalStack:
         if not output:
             return None
         response = self.engine.s3.get_object(Bucket=output["bucket"], Key=output["key"])
-        return response["Body"].read(), str(response.get("ContentType") or "application/octet-stream")
+        return response["Body"].read(), str(
+            response.get("ContentType") or "application/octet-stream"
+        )
 
 
 def summary(record: ExecutionRecord, failed_state: str | None = None) -> dict[str, Any]:
@@ -191,13 +204,24 @@ def _detail(stack: LocalStack, name: str) -> dict[str, Any] | None:
         "cause": record.cause,
         "states": states,
         "stateRuns": [
-            {"name": run.name, "type": run.state_type, "status": run.status, "seconds": run.seconds,
-             "retries": run.retries, "error": run.error}
+            {
+                "name": run.name,
+                "type": run.state_type,
+                "status": run.status,
+                "seconds": run.seconds,
+                "retries": run.retries,
+                "error": run.error,
+            }
             for run in runs
         ],
         "events": [
-            {"id": event.event_id, "type": event.type, "timestamp": event.timestamp.isoformat(),
-             "state": event.state, "details": event.details}
+            {
+                "id": event.event_id,
+                "type": event.type,
+                "timestamp": event.timestamp.isoformat(),
+                "state": event.state,
+                "details": event.details,
+            }
             for event in events
         ],
         "hasImage": bool((record.output or {}).get("store")),
@@ -206,17 +230,17 @@ def _detail(stack: LocalStack, name: str) -> dict[str, Any] | None:
 
 def _handler_for(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        def log_message(self, format: str, *args: Any) -> None:
             logger.debug("web: " + format, *args)
 
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_GET(self) -> None:
             path = unquote(urlparse(self.path).path)
             if path.startswith("/api/"):
                 self._api_get(path.removeprefix("/api"))
                 return
             self._static(path)
 
-        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_POST(self) -> None:
             from workflow.replay import ReplayError
 
             path = unquote(urlparse(self.path).path)
@@ -257,7 +281,9 @@ def _handler_for(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
             if file.parent != WEB_DIR.resolve() or not file.is_file():
                 self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
                 return
-            self._send(file.read_bytes(), mimetypes.guess_type(file.name)[0] or "application/octet-stream")
+            self._send(
+                file.read_bytes(), mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+            )
 
         def _json(self, body: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
             self._send(json.dumps(body, default=str).encode("utf-8"), "application/json", status)
