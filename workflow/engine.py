@@ -22,7 +22,7 @@ from workflow.dispatch import FaultHook, LambdaDispatcher, function_arn, install
 
 if TYPE_CHECKING:
     from workflow.records import Recorder
-from workflow.fastparse import install_parse_cache
+from workflow.fastparse import install_parse_cache, wait_for_termination
 
 __all__ = [
     "EngineConfig",
@@ -252,7 +252,7 @@ class LocalEngine:
         # The sequencer differs between deliveries of one upload, so only the content identifies it.
         return execution_name(replace(source, sequencer=None))
 
-    def wait(self, execution_arn: str, *, timeout: float = 600.0, poll: float = 0.02) -> RunResult:
+    def wait(self, execution_arn: str, *, timeout: float = 600.0, poll: float = 0.25) -> RunResult:
         """Wait until the execution ends and return how it ended."""
         deadline = time.monotonic() + timeout
         while True:
@@ -261,7 +261,8 @@ class LocalEngine:
                 return _run_result(description)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"execution {execution_arn} still running after {timeout:.0f} s")
-            time.sleep(poll)
+            # Wakes as soon as any execution ends, and after POLL seconds at the latest.
+            wait_for_termination(poll)
 
     def run(self, event: dict[str, Any], name: str | None = None, *, timeout: float = 600.0) -> RunResult:
         """Start one execution for EVENT and wait for its end."""

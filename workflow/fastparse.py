@@ -7,23 +7,34 @@ program is a tree of evaluation components that keep per-execution state in the 
 they are given, so one program can serve every execution of a definition. This module replaces
 that one method with a version that caches the program per definition string.
 
-The seam is private to moto, which the project pins exactly; `tests/test_fastparse.py` fails when
-it moves.
+Two more costs of the same kind are removed while the cache is installed. The interpreter compiles
+every JSONPath (`InputPath`, `Parameters` bindings, Choice variables) with jsonpath-ng's PLY
+parser each time it evaluates one, about 1 ms each, so compiled paths are cached too. And
+`LocalEngine.wait` polled DescribeExecution every 20 ms; `wait_for_termination` wakes it as soon as
+any execution ends.
+
+The seams are private to moto, which the project pins exactly; `tests/test_fastparse.py` fails
+when they move.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["install_parse_cache", "parse_cached", "cache_size"]
+__all__ = ["install_parse_cache", "parse_cached", "cache_size", "wait_for_termination"]
 
 _cache: dict[str, Any] = {}
 _cache_lock = threading.Lock()
 _install_lock = threading.Lock()
 _installs = 0
-_original: Callable[[Any], Any] | None = None
+_restore: list[Callable[[], None]] = []
+
+# Notified whenever any execution ends; the counter lets a waiter tell a new end from an old one.
+_terminated = threading.Condition()
+_terminations = 0
 
 
 def parse_cached(definition: str) -> Any:
@@ -50,22 +61,22 @@ def cache_size() -> int:
     return len(_cache)
 
 
+def wait_for_termination(timeout: float) -> None:
+    """Block until some execution ends or TIMEOUT seconds pass, whichever comes first."""
+    with _terminated:
+        seen = _terminations
+        _terminated.wait_for(lambda: _terminations != seen, timeout=timeout)
+
+
 def install_parse_cache() -> Callable[[], None]:
-    """Make the interpreter reuse parsed programs; return a function that undoes it.
+    """Make the interpreter reuse parsed programs and JSONPaths; return a function that undoes it.
 
-    Installs nest: the original method comes back when the last uninstall runs.
+    Installs nest: moto's original functions come back when the last uninstall runs.
     """
-    from moto.stepfunctions.parser.backend.execution_worker import ExecutionWorker
-
-    global _installs, _original
+    global _installs
     with _install_lock:
         if _installs == 0:
-            _original = ExecutionWorker._get_evaluation_entrypoint
-
-            def cached_entrypoint(worker: Any) -> Any:
-                return parse_cached(worker._evaluation_details.state_machine_details.definition)
-
-            ExecutionWorker._get_evaluation_entrypoint = cached_entrypoint  # type: ignore[method-assign]
+            _patch_interpreter()
         _installs += 1
 
     uninstalled = False
@@ -78,10 +89,49 @@ def install_parse_cache() -> Callable[[], None]:
                 return
             uninstalled = True
             _installs -= 1
-            if _installs == 0 and _original is not None:
-                ExecutionWorker._get_evaluation_entrypoint = _original  # type: ignore[method-assign]
+            if _installs == 0:
+                while _restore:
+                    _restore.pop()()
 
     return uninstall
+
+
+def _patch_interpreter() -> None:
+    from moto.stepfunctions.parser.asl.component.common.path import result_path
+    from moto.stepfunctions.parser.asl.utils import json_path
+    from moto.stepfunctions.parser.backend.execution import BaseExecutionWorkerCommunication
+    from moto.stepfunctions.parser.backend.execution_worker import ExecutionWorker
+
+    def cached_entrypoint(worker: Any) -> Any:
+        return parse_cached(worker._evaluation_details.state_machine_details.definition)
+
+    def terminated_and_notify(communication: Any) -> None:
+        global _terminations
+        try:
+            original_terminated(communication)
+        finally:
+            with _terminated:
+                _terminations += 1
+                _terminated.notify_all()
+
+    original_entrypoint = ExecutionWorker._get_evaluation_entrypoint
+    original_terminated = BaseExecutionWorkerCommunication.terminated
+    original_json_path_parse = json_path.parse
+    original_result_path_parse = result_path.parse
+
+    ExecutionWorker._get_evaluation_entrypoint = cached_entrypoint  # type: ignore[method-assign]
+    BaseExecutionWorkerCommunication.terminated = terminated_and_notify  # type: ignore[method-assign]
+    # A compiled jsonpath-ng expression is read-only when matched, so threads can share one.
+    json_path.parse = functools.lru_cache(maxsize=4096)(original_json_path_parse)
+    result_path.parse = functools.lru_cache(maxsize=4096)(original_result_path_parse)
+
+    def restore() -> None:
+        ExecutionWorker._get_evaluation_entrypoint = original_entrypoint  # type: ignore[method-assign]
+        BaseExecutionWorkerCommunication.terminated = original_terminated  # type: ignore[method-assign]
+        json_path.parse = original_json_path_parse
+        result_path.parse = original_result_path_parse
+
+    _restore.append(restore)
 
 
 def _assign_heap_keys(root: Any) -> None:
