@@ -5,8 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODEL := functions/detect/model/.built
+# The CDK CLI runs `python app.py`, which must be the project's Python.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test setup lint samples clean
+.PHONY: demo test setup browser lint samples clean
 
 demo: setup samples
 	$(BIN)/labelmark run samples/ --out processed
@@ -15,6 +17,11 @@ test: setup
 	$(BIN)/python -m pytest
 
 setup: $(VENV)/.installed $(MODEL) infra/node_modules/.installed
+
+# The web page of `labelmark serve` is tested in Debian's Chromium (a browser download does not
+# work offline), so CI installs it; a person may skip it and the browser test is then skipped.
+browser:
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

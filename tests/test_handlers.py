@@ -126,3 +126,57 @@ def test_detect_result_fits_state_payload_limit(buckets: Any) -> None:
     result = detect({"event": _upload(buckets, "size.jpg")}, _Context())
 
     assert len(json.dumps(result)) < 256 * 1024
+
+
+def test_store_rejects_output_key_over_s3_limit(buckets: Any) -> None:
+    from functions.common.errors import InvalidKeyError
+    from functions.common.events import SourceObject
+    from functions.store.handler import store
+    from functions.store.settings import StoreSettings
+
+    # GIVEN a source key at S3's 1,024-byte maximum, which the prefix pushes over it
+    source = SourceObject(bucket="in-bucket", key="k" * 1020 + ".jpg", etag="abc")
+    staged = {"bucket": "out-bucket", "key": "labelmark-staging/x.jpg"}
+
+    with pytest.raises(InvalidKeyError, match="would be 1036 bytes .* S3 allows 1024"):
+        store(source, [], staged, StoreSettings(processed_bucket="out-bucket"))
+
+
+@pytest.mark.parametrize(
+    ("key", "size", "reason"),
+    [
+        ("folder/", 0, "folder marker"),  # S3 notification for a console folder
+        ("empty.jpg", 0, "zero bytes"),  # empty upload
+        ("watermarked-x.jpg", 10, "written by the pipeline"),  # the pipeline's own output
+    ],
+)
+def test_guard_skips_s3_notification_shape(engine: Any, key: str, size: int, reason: str) -> None:
+    from functions.common.events import encode_key
+
+    event = {
+        "Records": [
+            {
+                "eventSource": "aws:s3",
+                "eventName": "ObjectCreated:Put",
+                "s3": {"bucket": {"name": "labelmark-source"}, "object": {"key": encode_key(key), "size": size}},
+            }
+        ]
+    }
+    result = engine.run(event, name=f"records-{size}-{len(key)}")
+
+    assert result.status == "SUCCEEDED"
+    assert reason in (result.skipped_reason or "")
+    assert engine.dispatcher.invocations == {}
+
+
+def test_sidecar_key_stays_within_s3_limit() -> None:
+    from functions.common.keys import sidecar_key
+
+    long_key = "watermarked-" + "写" * 337  # 1,023 bytes of UTF-8
+    other_key = long_key[:-1] + "真"
+
+    sidecar = sidecar_key(long_key)
+    assert len(sidecar.encode("utf-8")) <= 1024
+    assert sidecar.endswith(".labels.json")
+    assert sidecar != sidecar_key(other_key)
+    assert sidecar_key("watermarked-a.jpg") == "watermarked-a.jpg.labels.json"

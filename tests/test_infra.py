@@ -439,7 +439,8 @@ def test_store_role_permissions_exact(synthesized: Synthesized) -> None:
         product(["logs:CreateLogStream", "logs:PutLogEvents"], [f"${{{log_group}.Arn}}"])
         | product(["xray:PutTraceSegments", "xray:PutTelemetryRecords"], ["*"])
         | product(
-            ["s3:GetObject*", "s3:GetBucket*", "s3:List*"], [f"${{{processed}.Arn}}", staging]
+            ["s3:GetObject*", "s3:GetBucket*", "s3:List*"],
+            [f"${{{processed}.Arn}}", staging, f"${{{processed}.Arn}}/watermarked-*"],
         )
         | {("s3:DeleteObject*", staging)}
         | product(

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from functions.common.events import SourceObject
-from functions.common.keys import execution_name
+from functions.common.keys import execution_name, sidecar_key
 from tests.inputs_helpers import encode, entered_state_types, process
 from workflow.engine import LocalEngine
 
@@ -47,8 +47,8 @@ KEYS = [
     "camera/2024-01-01T10:00:00 [1] (copy) {x}.jpg",
     # deep prefix
     "a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p.jpg",
-    # S3's maximum key length, 1024 bytes of UTF-8 (the output key is longer, which S3 allows
-    # because it only counts the source key here)
+    # the longest source key whose output key still fits S3's 1,024 bytes (its sidecar key is
+    # cut and given a digest)
     _long_key(1024 - len("watermarked-")),
 ]
 
@@ -60,7 +60,7 @@ def test_key_output_derived_from_decoded(shared_engine: LocalEngine, key: str) -
     assert result.status == "SUCCEEDED", result.cause
     published = shared_engine.list_keys("labelmark-processed", "watermarked-")
     assert f"watermarked-{key}" in published
-    assert f"watermarked-{key}.labels.json" in published
+    assert sidecar_key(f"watermarked-{key}") in published
 
 
 @pytest.mark.parametrize("key", [*KEYS, "", "\t\n", "[]", "x" * 300, "%%%///", "名前.jpg"])

@@ -15,6 +15,7 @@ __all__ = [
     "UpstreamTimeoutError",
     "PermanentError",
     "InvalidEventError",
+    "InvalidKeyError",
     "SourceNotFoundError",
     "UnsupportedImageError",
     "CorruptImageError",
@@ -50,6 +51,10 @@ class PermanentError(PipelineError):
 
 class InvalidEventError(PermanentError):
     """The event is not an S3 object-created event this pipeline understands."""
+
+
+class InvalidKeyError(PermanentError):
+    """A key the pipeline would write breaks S3's rules (too long once prefixed)."""
 
 
 class SourceNotFoundError(PermanentError):

@@ -87,9 +87,12 @@ def _parse_eventbridge(event: dict[str, Any]) -> SourceObject:
     bucket = _require(detail, ("bucket", "name"), "detail.bucket.name")
     obj = _require(detail, ("object",), "detail.object")
     raw_key = _require(obj, ("key",), "detail.object.key")
+    # The backfill state machine builds this event from ListObjectsV2, which returns keys as
+    # stored, and marks it with a reason S3 itself never sends.
+    key = _decode_key(raw_key) if detail.get("reason") != "Backfill" else str(raw_key)
     return SourceObject(
         bucket=bucket,
-        key=_decode_key(raw_key),
+        key=key,
         size=_optional_int(obj.get("size")),
         etag=obj.get("etag"),
         version_id=obj.get("version-id"),
@@ -136,4 +139,7 @@ def _decode_key(raw_key: Any) -> str:
 def _optional_int(value: Any) -> int | None:
     if value is None:
         return None
-    return int(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEventError(f"object size must be a whole number, got {value!r}") from exc

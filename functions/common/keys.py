@@ -12,6 +12,7 @@ import re
 from functions.common.events import SourceObject
 
 __all__ = [
+    "S3_MAX_KEY_BYTES",
     "STAGING_PREFIX",
     "FAILURE_PREFIX",
     "output_key",
@@ -22,8 +23,10 @@ __all__ = [
     "is_pipeline_key",
 ]
 
+S3_MAX_KEY_BYTES = 1024
 STAGING_PREFIX = "labelmark-staging/"
 FAILURE_PREFIX = "labelmark-failures/"
+_SIDECAR_SUFFIX = ".labels.json"
 
 # Step Functions execution names: 1 to 80 characters, none of whitespace, brackets, wildcards,
 # `" # % \ ^ | ~ ` $ & , ; : /`, or control characters. Non-ASCII letters are allowed by the
@@ -38,8 +41,18 @@ def output_key(source_key: str, prefix: str) -> str:
 
 
 def sidecar_key(image_key: str) -> str:
-    """Return the key of the JSON file that carries an image's labels."""
-    return f"{image_key}.labels.json"
+    """Return the key of the JSON file that carries an image's labels.
+
+    It is the image key plus `.labels.json`, except where that would pass S3's 1,024-byte key
+    limit: then the image key is cut and a digest of the whole key keeps the name unique.
+    """
+    key = f"{image_key}{_SIDECAR_SUFFIX}"
+    if len(key.encode("utf-8")) <= S3_MAX_KEY_BYTES:
+        return key
+    digest = hashlib.sha256(image_key.encode("utf-8")).hexdigest()[:16]
+    room = S3_MAX_KEY_BYTES - len(_SIDECAR_SUFFIX) - len(digest) - 1
+    head = image_key.encode("utf-8")[:room].decode("utf-8", "ignore")
+    return f"{head}~{digest}{_SIDECAR_SUFFIX}"
 
 
 def staging_key(source: SourceObject) -> str:

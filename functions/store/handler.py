@@ -6,9 +6,9 @@ import json
 from typing import Any
 
 from functions.common.aws import client, translate_aws_error
-from functions.common.errors import SourceNotFoundError
+from functions.common.errors import InvalidKeyError, SourceNotFoundError
 from functions.common.events import SourceObject
-from functions.common.keys import output_key, sidecar_key
+from functions.common.keys import S3_MAX_KEY_BYTES, output_key, sidecar_key
 from functions.common.observability import logger, metrics, timed_stage
 from functions.common.s3io import check_buckets_differ, put_object
 from functions.store.settings import StoreSettings, load_settings
@@ -45,6 +45,13 @@ def store(
     s3 = s3 or client("s3")
     check_buckets_differ(source.bucket, settings.processed_bucket)
     image_key = output_key(source.key, settings.output_prefix)
+    image_bytes = len(image_key.encode("utf-8"))
+    if image_bytes > S3_MAX_KEY_BYTES:
+        raise InvalidKeyError(
+            f"output key for '{source.key}' would be {image_bytes} bytes with the "
+            f"'{settings.output_prefix}' prefix, S3 allows {S3_MAX_KEY_BYTES}; "
+            "shorten the source key or the OUTPUT_PREFIX"
+        )
     result = {
         "output": {
             "bucket": settings.processed_bucket,
