@@ -1,0 +1,190 @@
+"""Measure `labelmark run` end to end: orchestration overhead, scaling with workers, memory growth.
+
+Run: ``python bench/endtoend.py [--images 100] [--long 1000]``
+
+Each scenario runs in its own child process on the local engine (moto S3 and Step Functions, the
+offline label model), through `workflow.batch.run_batch`, the library behind `labelmark run`:
+
+- overhead: 100 photos of 1600 x 1200 with one worker. The dispatcher times each Lambda handler;
+  overhead is (wall time - handler time) / handler time, that is everything that is not stage
+  work: upload, StartExecution, the interpreter, waiting, fetching results, writing files.
+- workers: the same photos with two workers; speedup = one worker's wall time / two workers'.
+- memory: 1,000 photos of 480 x 360 with two workers; resident size after 100 images and after
+  1,000. moto keeps every object and execution history until the engine stops, so part of any
+  growth is the batch's own data, which the output also reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import current_rss_mib, record_figures, run_child, small_photos  # noqa: E402
+
+DEFAULT_FOLDER = Path("/tmp/labelmark-bench")
+
+
+class _HandlerClock:
+    """Seconds spent inside each Lambda handler, summed over all threads."""
+
+    def __init__(self) -> None:
+        self.by_handler: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.by_handler.values())
+
+    def reset(self) -> None:
+        with self._lock:
+            self.by_handler.clear()
+
+    def install(self) -> None:
+        """Wrap every handler the dispatcher loads, so that only the handler's own run is timed."""
+        from workflow import dispatch
+
+        original_load = dispatch._load_handler
+        clock = self
+
+        def load_timed(spec: str) -> Any:
+            handler = original_load(spec)
+
+            def timed(event: Any, context: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return handler(event, context)
+                finally:
+                    elapsed = time.perf_counter() - started
+                    with clock._lock:
+                        clock.by_handler[spec] = clock.by_handler.get(spec, 0.0) + elapsed
+
+            return timed
+
+        dispatch._load_handler = load_timed
+
+
+def _quiet() -> None:
+    logging.getLogger("moto").setLevel(logging.CRITICAL)
+    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "CRITICAL")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+def run_scenario(photos: list[Path], workers: int, checkpoints: list[int]) -> dict[str, Any]:
+    """Run PHOTOS through the local engine; return timings and RSS at each checkpoint count."""
+    _quiet()
+    from workflow.batch import InputFile, collect_inputs, run_batch
+    from workflow.engine import EngineConfig, LocalEngine
+
+    clock = _HandlerClock()
+    clock.install()
+    folder = photos[0].parent
+    inputs = [item for item in collect_inputs([folder]) if item.path in set(photos)]
+    done = {"count": 0}
+    rss_at: dict[str, float] = {}
+
+    def on_done(_: Any) -> None:
+        done["count"] += 1
+        if done["count"] in checkpoints:
+            rss_at[str(done["count"])] = current_rss_mib()
+
+    with tempfile.TemporaryDirectory() as out_dir, LocalEngine(EngineConfig(detector="local")) as engine:
+        # One warm-up image, not part of the batch, loads the model and the handler modules
+        # outside the timed part.
+        warm_up = Path(out_dir) / "warm-up.jpg"
+        warm_up.write_bytes(photos[0].read_bytes() + b"warm-up")
+        run_batch(engine, [InputFile(warm_up, "warm-up.jpg")], Path(out_dir) / "warm-up", workers=1)
+        clock.reset()
+        handler_calls_before = sum(engine.dispatcher.invocations.values())
+
+        started = time.perf_counter()
+        outcomes = run_batch(engine, inputs, Path(out_dir), workers=workers, on_done=on_done)
+        wall = time.perf_counter() - started
+
+        stored_bytes = _stored_bytes(engine)
+        handler_calls = sum(engine.dispatcher.invocations.values()) - handler_calls_before
+
+    statuses = {status: sum(1 for o in outcomes if o.status == status) for status in ("SUCCEEDED", "FAILED", "SKIPPED")}
+    return {
+        "images": len(inputs),
+        "workers": workers,
+        "wall_seconds": wall,
+        "handler_seconds": clock.seconds,
+        "handler_seconds_by_stage": {spec.split(".")[1]: seconds for spec, seconds in clock.by_handler.items()},
+        "handler_calls": handler_calls,
+        "images_per_second": len(inputs) / wall,
+        "statuses": statuses,
+        "rss_mib_at": rss_at,
+        "stored_mib": stored_bytes / (1024 * 1024),
+    }
+
+
+def _stored_bytes(engine: Any) -> int:
+    total = 0
+    for bucket in (engine.config.source_bucket, engine.config.processed_bucket):
+        for page in engine.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            total += sum(item["Size"] for item in page.get("Contents", []))
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--images", type=int, default=100, help="photos in the overhead and workers runs")
+    parser.add_argument("--long", type=int, default=1000, help="photos in the memory run")
+    parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="folder for the generated photos")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    medium = small_photos(args.folder / "medium", args.images, (1600, 1200))
+    small = small_photos(args.folder / "small", args.long, (480, 360))
+    if args.child:
+        name, workers = args.child.split(":")
+        photos = medium if name == "medium" else small
+        checkpoints = [100, len(photos)] if name == "small" else []
+        print(json.dumps(run_scenario(photos, int(workers), checkpoints)))
+        return
+
+    def child(name: str, workers: int) -> dict[str, Any]:
+        return run_child(["bench/endtoend.py", "--child", f"{name}:{workers}", "--images", str(args.images),
+                          "--long", str(args.long), "--folder", str(args.folder)])
+
+    one, two, long_run = child("medium", 1), child("medium", 2), child("small", 2)
+    overhead = (one["wall_seconds"] - one["handler_seconds"]) / one["handler_seconds"]
+    speedup = one["wall_seconds"] / two["wall_seconds"]
+    rss_first = long_run["rss_mib_at"]["100"]
+    rss_last = long_run["rss_mib_at"][str(args.long)]
+    growth = (rss_last - rss_first) / rss_first
+
+    print(f"{args.images} photos of 1600x1200, local detector")
+    for run in (one, two):
+        per_image = 1000 * run["wall_seconds"] / run["images"]
+        stage = 1000 * run["handler_seconds"] / run["images"]
+        print(f"  {run['workers']} worker(s): {run['images_per_second']:.1f} images/s, {per_image:.0f} ms/image wall, "
+              f"{stage:.0f} ms/image in handlers, {run['statuses']}")
+    print(f"orchestration overhead (1 worker): {overhead:.1%} of stage work (target < 10%)")
+    print(f"2 workers vs 1: {speedup:.2f}x (target >= 1.7x)")
+    print(f"{args.long} photos of 480x360, 2 workers: RSS {rss_first:.0f} MiB after 100, {rss_last:.0f} MiB after "
+          f"{args.long}: {growth:+.1%} (target < 10%); moto held {long_run['stored_mib']:.0f} MiB of objects")
+
+    record_figures("endtoend", {
+        "one_worker": one,
+        "two_workers": two,
+        "long_run": long_run,
+        "ratios": {"overhead_vs_stage_work": overhead, "two_vs_one_worker": speedup, "rss_growth_100_to_long": growth},
+        # Per-stage handler time per image, which the cost estimate uses for small photos.
+        "handler_ms_per_image": 1000 * one["handler_seconds"] / one["images"],
+    })
+
+
+if __name__ == "__main__":
+    main()
