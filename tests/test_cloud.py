@@ -46,6 +46,15 @@ def _description(
     return response
 
 
+def _history_tail(*types: str) -> dict:
+    return {
+        "events": [
+            {"timestamp": NOW, "type": event_type, "id": 20 - index, "previousEventId": 19 - index}
+            for index, event_type in enumerate(types)
+        ]
+    }
+
+
 @pytest.fixture
 def sfn() -> object:
     return boto3.client("stepfunctions", region_name="us-east-1")
@@ -94,6 +103,17 @@ def test_plan_replays_redrives_or_starts(sfn) -> None:
             _description("new", "FAILED", stopped=NOW, redrive_status="REDRIVABLE"),
         )
         stub.add_response(
+            "get_execution_history", _history_tail("ExecutionTimedOut", "TaskStarted")
+        )
+        stub.add_response(
+            "describe_execution",
+            _description("caught", "FAILED", stopped=NOW, redrive_status="REDRIVABLE"),
+        )
+        stub.add_response(
+            "get_execution_history",
+            _history_tail("ExecutionFailed", "FailStateEntered", "TaskStateExited"),
+        )
+        stub.add_response(
             "describe_execution",
             _description(
                 "old",
@@ -108,11 +128,14 @@ def test_plan_replays_redrives_or_starts(sfn) -> None:
             _description("ok", "SUCCEEDED", stopped=NOW, redrive_status="NOT_REDRIVABLE"),
         )
 
-        plans = cloud.plan_replays(sfn, [_arn("new"), _arn("old"), _arn("ok")], now=NOW)
+        plans = cloud.plan_replays(
+            sfn, [_arn("new"), _arn("caught"), _arn("old"), _arn("ok")], now=NOW
+        )
 
-    assert [plan.action for plan in plans] == ["redrive", "start", "skip"]
+    assert [plan.action for plan in plans] == ["redrive", "start", "start", "skip"]
+    assert "ended in its Fail state" in plans[1].reason
     assert (
-        plans[1].reason
+        plans[2].reason
         == "Execution redrivable period exceeded.; starting again with the original input"
     )
 
@@ -173,6 +196,7 @@ def test_replay_cloud_dry_run_output(monkeypatch: pytest.MonkeyPatch, sfn) -> No
                 "new", "FAILED", stopped=dt.datetime.now(dt.UTC), redrive_status="REDRIVABLE"
             ),
         )
+        stub.add_response("get_execution_history", _history_tail("ExecutionAborted"))
 
         # WHEN a dry run names one execution
         result = CliRunner().invoke(

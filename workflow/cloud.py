@@ -6,9 +6,11 @@ executions that stopped within the last 14 days (RedriveExecution API reference)
 verdict per execution in DescribeExecution's `redriveStatus` and `redriveStatusReason`. A run that
 is not redrivable is started again with its original input under the name `<name>-r<n>`.
 
-NOTE: this definition catches stage errors and ends in a Fail state. Whether AWS redrive then
-re-runs the caught stage or only the Fail state has not been checked on a real account; compare a
-redriven run's history with `labelmark show --cloud` before relying on redrive for such runs.
+The pipeline's definition catches every stage error, writes a failure record and ends in its
+`Failed` state. Redrive continues at the unsuccessful step, which for such a run is that Fail
+state, so it would only fail again: a run whose history ends in a Fail state is started again
+instead. Redrive is used for runs that stopped elsewhere (a timeout, an abort, a failing
+RecordFailure).
 """
 
 from __future__ import annotations
@@ -141,10 +143,19 @@ def plan_replays(
 ) -> list[CloudReplay]:
     """Decide for each execution whether it is redriven, started again or skipped."""
     now = now or dt.datetime.now(dt.UTC)
-    return [_plan_one(describe(sfn, arn), now) for arn in execution_arns]
+    return [_plan_one(sfn, describe(sfn, arn), now) for arn in execution_arns]
 
 
-def _plan_one(description: dict[str, Any], now: dt.datetime) -> CloudReplay:
+def _ended_in_fail_state(sfn: Any, execution_arn: str) -> bool:
+    page = with_backoff(
+        lambda: sfn.get_execution_history(
+            executionArn=execution_arn, reverseOrder=True, maxResults=3
+        )
+    )
+    return any(event.get("type") == "FailStateEntered" for event in page.get("events", []))
+
+
+def _plan_one(sfn: Any, description: dict[str, Any], now: dt.datetime) -> CloudReplay:
     arn, name, status = description["executionArn"], description["name"], description["status"]
     if status not in _FAILED:
         return CloudReplay(
@@ -155,6 +166,19 @@ def _plan_one(description: dict[str, Any], now: dt.datetime) -> CloudReplay:
         )
 
     redrive_status = description.get("redriveStatus")
+    redrivable = redrive_status == "REDRIVABLE" or (
+        redrive_status is None
+        and description.get("stopDate") is not None
+        and now - description["stopDate"] <= REDRIVE_WINDOW
+    )
+    if redrivable and _ended_in_fail_state(sfn, arn):
+        return CloudReplay(
+            arn,
+            name,
+            "start",
+            f"run ended in its Fail state after {description.get('error') or 'an error'}, which "
+            "redrive would only repeat; starting again with the original input",
+        )
     if redrive_status == "REDRIVABLE":
         return CloudReplay(
             arn, name, "redrive", f"redrive number {int(description.get('redriveCount', 0)) + 1}"
