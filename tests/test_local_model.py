@@ -7,6 +7,7 @@ photo tests are skipped and only the missing-model error is checked.
 from __future__ import annotations
 
 import io
+import json
 import threading
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 
 skimage_data = pytest.importorskip("skimage.data")
 
-from functions.detect import local_model  # noqa: E402
+from functions.detect import local_model, person  # noqa: E402
 from functions.detect.build_model import MODEL_FILENAME  # noqa: E402
 
 MODEL_BUILT = (local_model.model_dir() / MODEL_FILENAME).is_file()
@@ -165,3 +166,135 @@ def test_label_table_sums_fine_classes():
     assert set(parents["Dog"]) >= {"Animal", "Pet", "Mammal"}
     rocket_classes = set(np.flatnonzero(matrix[:, column["Rocket"]]).tolist())
     assert {657, 744, 812} <= rocket_classes
+
+
+# --- Face cascade against a per-window reference -------------------------------------------------
+#
+# The reference below evaluates the cascade one window at a time with plain Python loops, read
+# straight from face_cascade.json, as OpenCV's LBP evaluator does. It is slow (about 0.3 s on a
+# 128 px image) and exists only to check the vectorised evaluation in person.py.
+
+
+def _reference_lbp_code(integral: np.ndarray, x0: int, y0: int, rect: list[int]) -> int:
+    x, y, w, h = rect
+    sums = [[0] * 3 for _ in range(3)]
+    for i in range(3):
+        for j in range(3):
+            top, left = y0 + y + i * h, x0 + x + j * w
+            sums[i][j] = int(
+                integral[top + h, left + w] - integral[top + h, left]
+                - integral[top, left + w] + integral[top, left]
+            )
+    centre = sums[1][1]
+    ring = [sums[0][0], sums[0][1], sums[0][2], sums[1][2],
+            sums[2][2], sums[2][1], sums[2][0], sums[1][0]]
+    code = 0
+    for block in ring:
+        code = (code << 1) | (block >= centre)
+    return code
+
+
+def _reference_window_passes(cascade: dict, integral: np.ndarray, x0: int, y0: int) -> bool:
+    for stage in cascade["stages"]:
+        score = 0.0
+        for weak in stage["weak"]:
+            code = _reference_lbp_code(integral, x0, y0, cascade["rects"][weak["feature"]])
+            word = weak["subset"][code >> 5] & 0xFFFFFFFF
+            score += weak["leaves"][0] if (word >> (code & 31)) & 1 else weak["leaves"][1]
+        if score < stage["threshold"] - person.STAGE_THRESHOLD_EPSILON:
+            return False
+    return True
+
+
+def _reference_boxes(cascade: dict, gray_image: Image.Image) -> list[tuple[float, ...]]:
+    window_width, window_height = cascade["window"]
+    boxes = []
+    factor = 1.0
+    while gray_image.width / factor >= window_width and gray_image.height / factor >= window_height:
+        size = (round(gray_image.width / factor), round(gray_image.height / factor))
+        level = gray_image if factor == 1.0 else gray_image.resize(size, Image.Resampling.BILINEAR)
+        pixels = np.asarray(level, dtype=np.int64)
+        integral = np.zeros((pixels.shape[0] + 1, pixels.shape[1] + 1), dtype=np.int64)
+        integral[1:, 1:] = pixels.cumsum(0).cumsum(1)
+        step = 2 if factor < 2.0 else 1
+        for y in range(0, size[1] - window_height + 1, step):
+            for x in range(0, size[0] - window_width + 1, step):
+                if _reference_window_passes(cascade, integral, x, y):
+                    boxes.append((x * factor, y * factor, window_width * factor, window_height * factor))
+        factor *= person.SCALE_STEP
+    return boxes
+
+
+def _reference_groups(boxes: list[tuple[float, ...]]) -> list[tuple[np.ndarray, int]]:
+    parent = list(range(len(boxes)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, a in enumerate(boxes):
+        for j in range(i + 1, len(boxes)):
+            b = boxes[j]
+            delta = person.GROUPING_EPS * (min(a[2], b[2]) + min(a[3], b[3])) * 0.5
+            if all(abs(p - q) <= delta for p, q in zip(
+                (a[0], a[1], a[0] + a[2], a[1] + a[3]), (b[0], b[1], b[0] + b[2], b[1] + b[3])
+            )):
+                parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(boxes)):
+        groups.setdefault(find(i), []).append(i)
+    return [
+        (np.mean([boxes[i] for i in members], axis=0), len(members))
+        for members in groups.values()
+        if len(members) >= person.MIN_NEIGHBOURS
+    ]
+
+
+def _astronaut_face_crop() -> Image.Image:
+    # The upper middle of astronaut.png, shrunk to 128 px: the face spans about 50 px.
+    return _photo("astronaut").crop((100, 0, 356, 256)).convert("L").resize((128, 128))
+
+
+def _cascade_json() -> dict:
+    return json.loads((local_model.model_dir() / person.CASCADE_FILENAME).read_text())
+
+
+@needs_model
+def test_cascade_windows_match_reference():
+    gray = _astronaut_face_crop()
+    cascade = local_model.get_detector().cascade
+    pyramid = person._build_pyramid(gray, cascade)
+    found = pyramid.boxes[person._passing_windows(cascade, pyramid)]
+    expected = _reference_boxes(_cascade_json(), gray)
+    assert len(expected) >= person.MIN_NEIGHBOURS, "the reference finds no face to compare"
+    assert sorted(map(tuple, np.round(found, 6))) == sorted(
+        tuple(round(v, 6) for v in box) for box in expected
+    )
+
+
+@needs_model
+def test_detect_faces_box_matches_reference():
+    gray = _astronaut_face_crop()
+    faces = person.detect_faces(local_model.get_detector().cascade, gray)
+    groups = _reference_groups(_reference_boxes(_cascade_json(), gray))
+    assert len(faces) == len(groups) == 1
+    (x, y, w, h), neighbours = groups[0]
+    box = faces[0]["BoundingBox"]
+    assert box["Left"] == pytest.approx(x / gray.width, abs=0.01)
+    assert box["Top"] == pytest.approx(y / gray.height, abs=0.01)
+    assert box["Width"] == pytest.approx(min(w, gray.width - x) / gray.width, abs=0.01)
+    assert box["Height"] == pytest.approx(min(h, gray.height - y) / gray.height, abs=0.01)
+    assert faces[0]["Confidence"] == person.neighbours_to_confidence(neighbours)
+
+
+@needs_model
+def test_group_rectangles_joins_chains():
+    # a and c are too far apart to match, but both match b, so all three form one group.
+    rects = np.array([[0, 0, 100, 100], [15, 0, 100, 100], [30, 0, 100, 100], [300, 300, 50, 50]],
+                     dtype=np.float64)
+    groups = person._group_rectangles(rects)
+    assert len(groups) == 1
+    mean, neighbours = groups[0]
+    assert neighbours == 3
+    assert mean.tolist() == [15.0, 0.0, 100.0, 100.0]

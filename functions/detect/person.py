@@ -8,6 +8,12 @@ build time, and this module evaluates it with numpy alone.
 
 The cascade finds frontal faces of at least about 24 px in the downscaled image. People seen
 from behind, in profile or far away are missed.
+
+All scales are evaluated together. The scaled copies of the image sit side by side in one
+integral image, and each stage reads the block sums of all its features for every window still
+alive in one gather. A window rejected by a stage costs nothing after it. The windows, steps
+and grouping follow OpenCV's detectMultiScale, and a per-window reference in
+tests/test_local_model.py checks that the same windows pass.
 """
 
 from __future__ import annotations
@@ -23,26 +29,46 @@ from PIL import Image
 CASCADE_FILENAME = "face_cascade.json"
 
 # The longest side the cascade runs on. A face narrower than 24 / DETECT_MAX_SIDE of the
-# image's longest side is missed, and every doubling of this costs about four times the time.
-# NOTE: at 256 px the cascade takes about 55 ms on 2 cores (bench/labels.py), the largest part of
-# a detect call. At 192 px it missed the astronaut's face in scikit-image's sample photo.
+# image's longest side is missed (24 px of 192, 12.5% of a 4:3 photo's short side), and every
+# doubling of this costs about four times the time. At 256 px the cascade takes about 14 ms on
+# 2 cores (bench/labels.py). At 224 px it still found the astronaut in scikit-image's sample
+# photo but with 5 neighbours instead of 8, and at 192 px it missed it.
 DETECT_MAX_SIDE = 256
 SCALE_STEP = 1.2
 MIN_NEIGHBOURS = 3
 GROUPING_EPS = 0.2
+# OpenCV lowers every stage threshold by 1e-5 when it loads a cascade (THRESHOLD_EPS in its
+# cascadedetect.cpp), so a window whose float32 score lands a rounding error short still passes.
+# Without it the result would hinge on the order in which the leaf values are summed.
+STAGE_THRESHOLD_EPSILON = 1e-5
+
+
+@dataclass(frozen=True)
+class CascadeStage:
+    """One boosted stage: depth-1 trees on LBP features, and the score a window must reach."""
+
+    threshold: float
+    # (n,) indices into FaceCascade.rects.
+    features: np.ndarray
+    # (n, 4) rows and (n, 4) columns of each feature's 4 x 4 block-grid corners, in window
+    # pixels, so one gather of the integral image reads every block sum of the stage.
+    corner_rows: np.ndarray
+    corner_cols: np.ndarray
+    # (n, 8) int32 words of each tree's 256-bit LBP code subset.
+    subsets: np.ndarray
+    # (n, 2) leaf values: column 0 when the code is in the subset, column 1 otherwise.
+    leaves: np.ndarray
 
 
 @dataclass(frozen=True)
 class FaceCascade:
-    """An LBP boosted cascade: a window size, the features and per-stage stumps."""
+    """An LBP boosted cascade: a window size, the features and the stages."""
 
     window_width: int
     window_height: int
     # (feature_count, 4) rects as x, y, block width, block height in window pixels.
     rects: np.ndarray
-    # One entry per stage: threshold, feature indices, 256-bit subsets as (n, 8) int32 words,
-    # and leaf values as (n, 2).
-    stages: tuple[tuple[float, np.ndarray, np.ndarray, np.ndarray], ...]
+    stages: tuple[CascadeStage, ...]
 
 
 def parse_opencv_cascade_xml(path: Path) -> dict:
@@ -76,153 +102,177 @@ def parse_opencv_cascade_xml(path: Path) -> dict:
 def load_cascade(path: Path) -> FaceCascade:
     """Load ``face_cascade.json`` as written by ``build_model``."""
     data = json.loads(path.read_text())
+    rects = np.array(data["rects"], dtype=np.int64)
+    grid = np.arange(4)
     stages = []
     for stage in data["stages"]:
         features = np.array([w["feature"] for w in stage["weak"]], dtype=np.int64)
-        subsets = np.array([w["subset"] for w in stage["weak"]], dtype=np.int64).astype(np.int32)
-        leaves = np.array([w["leaves"] for w in stage["weak"]], dtype=np.float32)
-        stages.append((float(stage["threshold"]), features, subsets, leaves))
+        x, y, width, height = (rects[features, i] for i in range(4))
+        stages.append(
+            CascadeStage(
+                threshold=float(stage["threshold"]) - STAGE_THRESHOLD_EPSILON,
+                features=features,
+                corner_rows=y[:, None] + grid[None, :] * height[:, None],
+                corner_cols=x[:, None] + grid[None, :] * width[:, None],
+                # The JSON keeps OpenCV's signed 32-bit words, so int64 parsing then a cast
+                # to int32 keeps the bit patterns.
+                subsets=np.array([w["subset"] for w in stage["weak"]], dtype=np.int64).astype(
+                    np.int32
+                ),
+                leaves=np.array([w["leaves"] for w in stage["weak"]], dtype=np.float32),
+            )
+        )
     width, height = data["window"]
-    return FaceCascade(width, height, np.array(data["rects"], dtype=np.int64), tuple(stages))
+    return FaceCascade(width, height, rects, tuple(stages))
 
 
-def _lbp_codes(
-    integral: np.ndarray, row_stride: int, bases: np.ndarray, rect: np.ndarray
-) -> np.ndarray:
-    """Return the 8-bit LBP code of one feature for every window whose top-left is in bases.
+# Corners of a 3 x 3 block grid are 4 x 4 integral image entries. Block (i, j) of a feature is
+# corners[i + 1, j + 1] - corners[i + 1, j] - corners[i, j + 1] + corners[i, j].
+# Outer blocks in bit order (bit 7 first), clockwise from the top-left, as OpenCV's LBP
+# evaluator compares them with the centre block (index 4 of the row-major 3 x 3 grid).
+_RING_BLOCKS = np.array([0, 1, 2, 5, 8, 7, 6, 3])
+_CENTRE_BLOCK = 4
 
-    The feature is a 3 x 3 grid of equal blocks. Each bit compares one outer block's pixel sum
-    with the centre block's, clockwise from the top-left block, as OpenCV's LBP evaluator does.
+
+@dataclass(frozen=True)
+class _Pyramid:
+    """All pyramid levels side by side in one integral image, and the windows to test."""
+
+    # Flattened (height + 1, width + 1) int32 integral image of the whole strip of levels.
+    integral: np.ndarray
+    row_stride: int
+    # Per window: flat index of its top-left corner in ``integral``, and its position and size
+    # in the pixels of the image the pyramid was built from.
+    bases: np.ndarray
+    boxes: np.ndarray
+
+
+def _level_sizes(width: int, height: int, cascade: FaceCascade) -> list[tuple[float, int, int]]:
+    levels = []
+    factor = 1.0
+    while width / factor >= cascade.window_width and height / factor >= cascade.window_height:
+        levels.append((factor, round(width / factor), round(height / factor)))
+        factor *= SCALE_STEP
+    return levels
+
+
+def _build_pyramid(gray_image: Image.Image, cascade: FaceCascade) -> _Pyramid | None:
+    """Place every scaled copy of the image in one strip and list every window position.
+
+    One integral image over the strip lets a single gather evaluate a feature for windows of
+    all scales at once. A window never crosses into the next level, and a block sum taken from
+    an integral image reads only the pixels inside the block, so the levels do not interfere.
     """
-    x, y, w, h = (int(v) for v in rect)
-    rows = np.array([y, y + h, y + 2 * h, y + 3 * h])
-    cols = np.array([x, x + w, x + 2 * w, x + 3 * w])
-    offsets = (rows[:, None] * row_stride + cols[None, :]).ravel()
-    corners = integral[bases[:, None] + offsets[None, :]].reshape(-1, 4, 4)
-    blocks = corners[:, 1:, 1:] - corners[:, 1:, :-1] - corners[:, :-1, 1:] + corners[:, :-1, :-1]
-    centre = blocks[:, 1, 1]
-    ring = (
-        blocks[:, 0, 0], blocks[:, 0, 1], blocks[:, 0, 2], blocks[:, 1, 2],
-        blocks[:, 2, 2], blocks[:, 2, 1], blocks[:, 2, 0], blocks[:, 1, 0],
-    )
-    codes = np.zeros(len(bases), dtype=np.int32)
-    for bit, block in zip(range(7, -1, -1), ring, strict=True):
-        codes |= (block >= centre).astype(np.int32) << bit
-    return codes
+    levels = _level_sizes(gray_image.width, gray_image.height, cascade)
+    if not levels:
+        return None
+    strip_width = sum(level_width for _, level_width, _ in levels)
+    strip_height = levels[0][2]
+    strip = np.zeros((strip_height, strip_width), dtype=np.uint8)
+    row_stride = strip_width + 1
 
-
-def _lbp_codes_dense(
-    integral: np.ndarray, rect: np.ndarray, rows: int, cols: int, step: int
-) -> np.ndarray:
-    """Return the LBP code of one feature for every window of a rows x cols grid.
-
-    Same codes as ``_lbp_codes``, computed with strided slices instead of gathers, which is
-    several times faster while every window is still a candidate.
-    """
-    x, y, w, h = (int(v) for v in rect)
-
-    def corner(dy: int, dx: int) -> np.ndarray:
-        return integral[dy : dy + rows * step : step, dx : dx + cols * step : step]
-
-    blocks = [
-        [
-            corner(y + (i + 1) * h, x + (j + 1) * w)
-            - corner(y + (i + 1) * h, x + j * w)
-            - corner(y + i * h, x + (j + 1) * w)
-            + corner(y + i * h, x + j * w)
-            for j in range(3)
+    bases, boxes = [], []
+    left = 0
+    for factor, level_width, level_height in levels:
+        level = gray_image if factor == 1.0 else gray_image.resize(
+            (level_width, level_height), Image.Resampling.BILINEAR
+        )
+        strip[:level_height, left : left + level_width] = np.asarray(level)
+        # OpenCV's detectMultiScale steps 2 px on levels below a factor of 2 and 1 px above.
+        # Faces there span many pixels, so a 2 px step still lands several windows on each.
+        step = 2 if factor < 2.0 else 1
+        ys, xs = np.mgrid[
+            0 : level_height - cascade.window_height + 1 : step,
+            0 : level_width - cascade.window_width + 1 : step,
         ]
-        for i in range(3)
-    ]
-    centre = blocks[1][1]
-    ring = (
-        blocks[0][0], blocks[0][1], blocks[0][2], blocks[1][2],
-        blocks[2][2], blocks[2][1], blocks[2][0], blocks[1][0],
+        ys, xs = ys.ravel(), xs.ravel()
+        bases.append(ys * row_stride + left + xs)
+        level_boxes = np.empty((len(xs), 4), dtype=np.float64)
+        level_boxes[:, 0] = xs * factor
+        level_boxes[:, 1] = ys * factor
+        level_boxes[:, 2] = cascade.window_width * factor
+        level_boxes[:, 3] = cascade.window_height * factor
+        boxes.append(level_boxes)
+        left += level_width
+
+    # int32 is wide enough: the strip is at most a few hundred thousand pixels of at most 255,
+    # far below 2**31, because DETECT_MAX_SIDE bounds its size.
+    integral = np.zeros((strip_height + 1, row_stride), dtype=np.int32)
+    np.cumsum(strip, axis=0, dtype=np.int32, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
+    return _Pyramid(integral.ravel(), row_stride, np.concatenate(bases), np.concatenate(boxes))
+
+
+def _stage_scores(
+    integral: np.ndarray, row_stride: int, bases: np.ndarray, stage: CascadeStage
+) -> np.ndarray:
+    """Return one stage's score for each window whose top-left corner is in ``bases``.
+
+    All features of the stage are read in one gather. The gathered corners are laid out as
+    (feature, corner row, corner column, window), so each block sum and comparison below is an
+    operation on contiguous rows of window values.
+    """
+    feature_count = len(stage.features)
+    offsets = stage.corner_rows[:, :, None] * row_stride + stage.corner_cols[:, None, :]
+    corners = integral[offsets.reshape(-1, 1) + bases[None, :]].reshape(
+        feature_count, 4, 4, len(bases)
     )
-    codes = np.zeros((rows, cols), dtype=np.int32)
-    for bit, block in zip(range(7, -1, -1), ring, strict=True):
-        codes |= (block >= centre).astype(np.int32) << bit
-    return codes.ravel()
+    blocks = (
+        corners[:, 1:, 1:] - corners[:, 1:, :-1] - corners[:, :-1, 1:] + corners[:, :-1, :-1]
+    ).reshape(feature_count, 9, len(bases))
+    centre = blocks[:, _CENTRE_BLOCK]
+    codes = np.zeros((feature_count, len(bases)), dtype=np.int32)
+    for bit, block in zip(range(7, -1, -1), _RING_BLOCKS, strict=True):
+        codes |= (blocks[:, block] >= centre).astype(np.int32) << bit
+    words = stage.subsets[np.arange(feature_count)[:, None], codes >> 5]
+    in_subset = ((words >> (codes & 31)) & 1).astype(bool)
+    return np.where(in_subset, stage.leaves[:, :1], stage.leaves[:, 1:]).sum(axis=0)
 
 
-def _detect_at_scale(cascade: FaceCascade, gray: np.ndarray, step: int) -> np.ndarray:
-    """Return (n, 2) top-left corners (x, y) of windows that pass every stage."""
-    height, width = gray.shape
-    if height < cascade.window_height or width < cascade.window_width:
-        return np.zeros((0, 2), dtype=np.int64)
-
-    # int32 is enough because DETECT_MAX_SIDE**2 * 255 stays far below 2**31.
-    integral = np.zeros((height + 1, width + 1), dtype=np.int32)
-    integral[1:, 1:] = gray.astype(np.int32).cumsum(0).cumsum(1)
-    row_stride = width + 1
-    flat = integral.ravel()
-
-    ys, xs = np.mgrid[
-        0 : height - cascade.window_height + 1 : step, 0 : width - cascade.window_width + 1 : step
-    ]
-    grid_rows, grid_cols = ys.shape
-    ys = ys.ravel()
-    xs = xs.ravel()
-    bases = ys * row_stride + xs
-    grid_indices = np.arange(len(bases))
-
-    for threshold, features, subsets, leaves in cascade.stages:
-        # Dense slices beat gathers only while no window has been rejected yet (measured on
-        # scikit-image's sample photos: later stages keep too few windows to pay off).
-        dense = len(grid_indices) == grid_rows * grid_cols
-        score = np.zeros(len(bases), dtype=np.float32)
-        for feature, subset, leaf in zip(features, subsets, leaves, strict=True):
-            rect = cascade.rects[feature]
-            if dense:
-                codes = _lbp_codes_dense(integral, rect, grid_rows, grid_cols, step)
-            else:
-                codes = _lbp_codes(flat, row_stride, bases, rect)
-            in_subset = (subset[codes >> 5] >> (codes & 31)) & 1
-            score += np.where(in_subset == 1, leaf[0], leaf[1])
-        keep = score >= threshold
-        bases, ys, xs = bases[keep], ys[keep], xs[keep]
-        grid_indices = grid_indices[keep]
-        if len(bases) == 0:
+def _passing_windows(cascade: FaceCascade, pyramid: _Pyramid) -> np.ndarray:
+    """Return the indices of the pyramid's windows that pass every stage of the cascade."""
+    alive = np.arange(len(pyramid.bases))
+    bases = pyramid.bases
+    for stage in cascade.stages:
+        scores = _stage_scores(pyramid.integral, pyramid.row_stride, bases, stage)
+        # Early rejection: a window that fails a stage is never evaluated again.
+        keep = scores >= stage.threshold
+        alive, bases = alive[keep], bases[keep]
+        if len(alive) == 0:
             break
-    return np.stack([xs, ys], axis=1)
+    return alive
 
 
 def _group_rectangles(rects: np.ndarray) -> list[tuple[np.ndarray, int]]:
     """Merge overlapping detections and return (mean rect, neighbour count) per kept group.
 
     Two rects join one group when each edge differs by at most GROUPING_EPS of their mean size,
-    the rule of OpenCV's groupRectangles. Groups with fewer than MIN_NEIGHBOURS members are
-    treated as noise.
+    the rule of OpenCV's groupRectangles, and groups are closed under that relation. Groups with
+    fewer than MIN_NEIGHBOURS members are treated as noise.
     """
-    count = len(rects)
-    parent = list(range(count))
+    x, y, w, h = (rects[:, i] for i in range(4))
+    delta = GROUPING_EPS * (np.minimum.outer(w, w) + np.minimum.outer(h, h)) * 0.5
+    similar = (
+        (np.abs(np.subtract.outer(x, x)) <= delta)
+        & (np.abs(np.subtract.outer(y, y)) <= delta)
+        & (np.abs(np.subtract.outer(x + w, x + w)) <= delta)
+        & (np.abs(np.subtract.outer(y + h, y + h)) <= delta)
+    )
+    # Spread the smallest member index through each connected group until nothing changes.
+    group = np.arange(len(rects))
+    while True:
+        spread = np.where(similar, group[None, :], len(rects)).min(axis=1)
+        if np.array_equal(spread, group):
+            break
+        group = spread
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(count):
-        for j in range(i + 1, count):
-            a, b = rects[i], rects[j]
-            delta = GROUPING_EPS * (min(a[2], b[2]) + min(a[3], b[3])) * 0.5
-            if (
-                abs(a[0] - b[0]) <= delta
-                and abs(a[1] - b[1]) <= delta
-                and abs(a[0] + a[2] - b[0] - b[2]) <= delta
-                and abs(a[1] + a[3] - b[1] - b[3]) <= delta
-            ):
-                parent[find(i)] = find(j)
-
-    groups: dict[int, list[int]] = {}
-    for i in range(count):
-        groups.setdefault(find(i), []).append(i)
-    return [
-        (rects[members].mean(axis=0), len(members))
-        for members in groups.values()
-        if len(members) >= MIN_NEIGHBOURS
-    ]
+    kept = []
+    for label in np.unique(group):
+        members = group == label
+        count = int(members.sum())
+        if count >= MIN_NEIGHBOURS:
+            kept.append((rects[members].mean(axis=0), count))
+    return kept
 
 
 def neighbours_to_confidence(neighbours: int) -> float:
@@ -245,30 +295,17 @@ def detect_faces(cascade: FaceCascade, image: Image.Image) -> list[dict]:
     if scale < 1.0:
         size = (max(1, round(gray_image.width * scale)), max(1, round(gray_image.height * scale)))
         gray_image = gray_image.resize(size, Image.Resampling.BILINEAR)
-    gray = np.asarray(gray_image)
-    height, width = gray.shape
+    width, height = gray_image.size
 
-    found = []
-    factor = 1.0
-    while width / factor >= cascade.window_width and height / factor >= cascade.window_height:
-        level_size = (round(width / factor), round(height / factor))
-        level = gray if factor == 1.0 else np.asarray(
-            gray_image.resize(level_size, Image.Resampling.BILINEAR)
-        )
-        # Coarse steps on the finest levels keep the window count low. Faces there span many
-        # pixels, so a 2 px step still lands several windows on each face.
-        step = 2 if factor < 2.0 else 1
-        for x, y in _detect_at_scale(cascade, level, step):
-            found.append(
-                [x * factor, y * factor, cascade.window_width * factor, cascade.window_height * factor]
-            )
-        factor *= SCALE_STEP
-
-    if not found:
+    pyramid = _build_pyramid(gray_image, cascade)
+    if pyramid is None:
+        return []
+    found = pyramid.boxes[_passing_windows(cascade, pyramid)]
+    if len(found) == 0:
         return []
 
     instances = []
-    for rect, neighbours in _group_rectangles(np.array(found, dtype=np.float64)):
+    for rect, neighbours in _group_rectangles(found):
         x, y, w, h = rect
         instances.append(
             {
