@@ -144,9 +144,10 @@ def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO" if verbose else "CRITICAL")
 
 
-from workflow import cli_executions  # noqa: E402 - the commands register on main, defined above
+from workflow import cli_executions, cli_scale  # noqa: E402 - the commands register on main, defined above
 
 main.add_command(cli_executions.executions)
 main.add_command(cli_executions.show)
 main.add_command(cli_executions.replay)
 main.add_command(cli_executions.serve)
+main.add_command(cli_scale.cost)
