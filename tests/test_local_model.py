@@ -158,6 +158,35 @@ def test_draft_for_model_ignores_png():
     assert image.size == (451, 300)
 
 
+def test_reduce_for_model_keeps_min_size():
+    large = Image.new("RGB", (4000, 3000))
+    reduced = local_model._reduce_for_model(large)
+    # 3000 // 256 = 11 is the largest whole factor that keeps the short side at 256 px or more.
+    # Image.reduce keeps a partial box at the right and bottom edges, so sizes round up.
+    assert reduced.size == (364, 273)
+    small = Image.new("RGB", (500, 375))
+    assert local_model._reduce_for_model(small) is small
+
+
+@needs_model
+def test_detect_labels_large_png_finds_cat():
+    # GIVEN a 12 MP PNG, which draft mode cannot shrink WHEN labelled THEN the cat is found
+    buffer = io.BytesIO()
+    _photo("chelsea").resize((4000, 3000)).save(buffer, format="PNG", compress_level=1)
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    assert "Cat" in _top_names(local_model.detect_labels(image))
+
+
+@needs_model
+def test_label_confidence_sums_class_probabilities():
+    photo = _photo("chelsea")
+    probabilities = local_model.classify(photo)
+    labels = local_model.detect_labels(photo, max_labels=50, min_confidence=0.0)
+    cat = next(label for label in labels if label["Name"] == "Cat")
+    # ImageNet classes 281 to 285 are the domestic cats.
+    assert cat["Confidence"] == pytest.approx(100.0 * probabilities[281:286].sum(), abs=1e-3)
+
+
 def test_label_table_sums_fine_classes():
     names, matrix, parents, _ = local_model._load_label_table()
     column = {name: j for j, name in enumerate(names)}
