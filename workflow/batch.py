@@ -102,8 +102,22 @@ def _run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcom
     event = engine.upload(item.key, item.path.read_bytes())
     result = engine.run(event)
     outcome = _outcome(engine, item.key, result, out_dir)
+    _release_objects(engine, item.key, result)
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def _release_objects(engine: LocalEngine, key: str, result: RunResult) -> None:
+    """Delete a finished image's objects from the in-memory buckets once they are on disk.
+
+    moto keeps every object until the engine stops, so a long batch would otherwise grow by the
+    size of each source and output. Replays read the source from the state folder instead.
+    """
+    engine.s3.delete_object(Bucket=engine.config.source_bucket, Key=key)
+    output = ((result.output or {}).get("store") or {}).get("output")
+    if result.status == "SUCCEEDED" and output:
+        engine.s3.delete_object(Bucket=output["bucket"], Key=output["key"])
+        engine.s3.delete_object(Bucket=output["bucket"], Key=output["sidecarKey"])
 
 
 def _outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Path) -> ImageOutcome:
