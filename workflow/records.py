@@ -128,9 +128,12 @@ class ExecutionRecord:
 
     @property
     def labels(self) -> list[str]:
-        """Return the label names the detect stage produced, when the output has them."""
+        """Return the label names the detect stage produced, most specific first."""
+        from functions.common.labels import headline_names
+
         detect = (self.output or {}).get("detect") or self.input.get("detect") or {}
-        return [str(label.get("Name")) for label in detect.get("labels") or []]
+        labels = detect.get("labels") or []
+        return headline_names(labels, count=len(labels))
 
 
 @dataclass(frozen=True)
