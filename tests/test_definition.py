@@ -14,7 +14,7 @@ DEFINITION = json.loads(DEFINITION_PATH.read_text(encoding="utf-8"))
 LAMBDA_STATES = ("Detect", "Watermark", "Store")
 
 
-def test_definition_is_the_only_state_machine_for_the_pipeline() -> None:
+def test_definition_file_is_unique() -> None:
     # GIVEN the workflow folder WHEN its JSON files are listed THEN the pipeline exists once.
     copies = [
         path.name

@@ -52,7 +52,7 @@ def test_engine_sidecar_carries_labels_and_source(engine: LocalEngine) -> None:
     sidecar = json.loads(engine.get_bytes("labelmark-processed", "watermarked-a/b c.jpg.labels.json"))
     assert result.status == "SUCCEEDED"
     assert sidecar["source"]["key"] == "a/b c.jpg"
-    assert sidecar["labels"][0]["Name"] == "Mobile Phone"  # moto's canned DetectLabels answer
+    assert sidecar["labels"][0]["Name"] == "Mobile Phone"  # moto's canned DetectLabels response
     assert sidecar["image"]["format"] == "JPEG"
 
 
@@ -92,7 +92,7 @@ def test_engine_retries_transient_error_until_it_passes() -> None:
 
 
 def test_engine_records_permanent_error_and_fails() -> None:
-    # GIVEN a watermark stage that finds a corrupt image WHEN the run ends THEN a record says why.
+    # GIVEN a watermark stage that finds a corrupt image WHEN the run ends THEN a record names the error.
     def corrupt(stage: str, event: dict) -> None:
         if stage == "watermark":
             raise CorruptImageError("cannot decode 'bad.jpg': the JPEG data is truncated")

@@ -31,7 +31,7 @@ class InputFile:
 
 @dataclass
 class ImageOutcome:
-    """What happened to one input file."""
+    """The result of one input file's run."""
 
     key: str
     status: str  # SUCCEEDED, SKIPPED or FAILED

@@ -138,8 +138,8 @@ def _print_summary(console: Console, outcomes: list[ImageOutcome], seconds: floa
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    # moto's interpreter logs every caught task failure with a full dump of the state; the
-    # failure record and the summary line already carry what a person needs.
+    # moto's interpreter logs every caught task failure with a full dump of the state. The
+    # failure record and the summary line already contain what a person needs.
     logging.getLogger("moto").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO" if verbose else "CRITICAL")
 
@@ -151,3 +151,4 @@ main.add_command(cli_executions.show)
 main.add_command(cli_executions.replay)
 main.add_command(cli_executions.serve)
 main.add_command(cli_scale.cost)
+main.add_command(cli_scale.backfill)

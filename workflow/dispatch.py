@@ -2,7 +2,7 @@
 
 moto's Step Functions interpreter invokes Lambda tasks through a boto3 Lambda client, and its
 Lambda backend cannot run Python code without Docker. This module replaces that client, inside the
-interpreter only, with one that calls the handler functions directly and answers the way the Lambda
+interpreter only, with one that calls the handler functions directly and responds the way the Lambda
 service does: a handled result, or `FunctionError: Unhandled` with the exception's class name as
 `errorType`, which is what the definition's Retry and Catch rules match.
 
@@ -74,8 +74,8 @@ class _LambdaContext:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
-# A hook called before each invocation with the stage name and the event; it may raise to
-# simulate a fault, which the dispatcher reports exactly as a failing handler.
+# A hook called inside each invocation with the stage name and the event. It may raise to
+# simulate a fault, and the dispatcher reports that exactly as a failing handler.
 FaultHook = Callable[[str, dict[str, Any]], None]
 
 

@@ -45,15 +45,15 @@ class EngineConfig:
     output_prefix: str = "watermarked-"
     detector: str = "local"
     state_machine_name: str = "labelmark-pipeline"
-    # Send DetectLabels to the real Amazon Rekognition with the caller's credentials; when off,
-    # moto's Rekognition answers (tests).
+    # Send DetectLabels to the real Amazon Rekognition with the caller's credentials. When off,
+    # moto's Rekognition returns canned labels (tests).
     real_rekognition: bool = True
     function_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class RunResult:
-    """How one execution ended, read from the interpreter."""
+    """The end state of one execution, read from the interpreter."""
 
     name: str
     arn: str
@@ -111,7 +111,7 @@ class LocalEngine:
     """Buckets and the state machine in moto, with Lambda tasks run in this process.
 
     Use it as a context manager: entering starts moto's mocks and creates the buckets and the state
-    machine; leaving stops them and forgets everything they held.
+    machine; leaving stops them and discards everything they contained.
     """
 
     def __init__(

@@ -34,7 +34,7 @@ def write_samples(folder: Path) -> list[Path]:
 
     with Image.open(data / "chelsea.png") as cat:
         upright = cat.convert("RGB")
-    # Store the pixels turned the other way, as a phone held sideways does, and let the tag say so.
+    # Store the pixels turned the other way, as a phone held sideways does, and set the tag that turns them upright.
     sideways = upright.transpose(Image.Transpose.ROTATE_90)
     exif = Image.Exif()
     exif[_ORIENTATION_TAG] = _ROTATED_90_CW

@@ -38,7 +38,7 @@ class ThrottlingError(TransientError):
 
 
 class ServiceUnavailableError(TransientError):
-    """An AWS service answered with a 5xx error."""
+    """An AWS service returned a 5xx error."""
 
 
 class UpstreamTimeoutError(TransientError):

@@ -1,4 +1,4 @@
-"""Choose which labels a person sees first."""
+"""Order labels for display: the most specific first."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ BACKENDS = ("rekognition", "local")
 
 @dataclass(frozen=True)
 class DetectSettings:
-    """What the detect stage uses and returns.
+    """Backend and result settings of the detect stage.
 
     backend: DETECTOR_BACKEND, `rekognition` (default) or `local` (offline model).
     max_labels: MAX_LABELS, labels returned at most (default 10).

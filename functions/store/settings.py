@@ -11,7 +11,7 @@ __all__ = ["StoreSettings", "load_settings"]
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """Where the store stage publishes.
+    """Publishing settings of the store stage.
 
     processed_bucket: PROCESSED_BUCKET, the bucket that receives published images (required).
     output_prefix: OUTPUT_PREFIX, put before the source key to form the published key

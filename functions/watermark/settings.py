@@ -11,7 +11,7 @@ __all__ = ["WatermarkSettings", "load_settings"]
 
 @dataclass(frozen=True)
 class WatermarkSettings:
-    """What the watermark stage reads, draws and writes.
+    """Input, drawing and output settings of the watermark stage.
 
     processed_bucket: PROCESSED_BUCKET, where the staged image is written (required).
     label_count: WATERMARK_LABELS, how many label names the band shows (default 3).
