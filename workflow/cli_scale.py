@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-__all__ = ["cost"]
+__all__ = ["backfill", "cost"]
 
 
 @click.command()
@@ -65,3 +71,124 @@ def cost(images: int, backend: str, workflow: str) -> None:
     for note in result.notes:
         console.print(f"Note: {escape(note)}")
     console.print(PRICE_NOTE)
+
+
+@click.command()
+@click.argument("prefix")
+@click.option(
+    "--from",
+    "from_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Locally: folder whose files are uploaded to the source bucket under PREFIX first.",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Locally: pipeline executions running at the same time.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Locally: also write the results file (JSON) to this path.",
+)
+@click.option(
+    "--detector",
+    type=click.Choice(["local", "rekognition"]),
+    default="local",
+    show_default=True,
+    envvar="DETECTOR_BACKEND",
+    help="Locally: label backend, the offline model or Amazon Rekognition.",
+)
+@click.option(
+    "--cloud", is_flag=True, help="Start the deployed backfill state machine in AWS instead."
+)
+@click.option(
+    "--state-machine-arn",
+    envvar="LABELMARK_BACKFILL_STATE_MACHINE_ARN",
+    help="With --cloud: ARN of the deployed backfill state machine.",
+)
+def backfill(
+    prefix: str,
+    from_dir: Path | None,
+    max_concurrency: int,
+    out: Path | None,
+    detector: str,
+    cloud: bool,
+    state_machine_arn: str | None,
+) -> None:
+    """Run the pipeline once for every object under PREFIX in the source bucket.
+
+    With --cloud, start the deployed backfill state machine (a Distributed Map) with input
+    {"prefix": PREFIX} and print its execution ARN. Locally, upload the files of --from DIR under
+    PREFIX, run one execution per object with at most --max-concurrency at a time, and write the
+    results to the processed bucket under labelmark-backfill/ and to --out. The local run does
+    not use the Distributed Map definition, which moto cannot run. Exits with status 1 when an
+    object failed.
+
+    Example: labelmark backfill photos/2024/ --from ./old-photos --out backfill.json
+    """
+    console = Console(highlight=False, soft_wrap=True)
+    if cloud:
+        from workflow import cloud as aws
+        from workflow.backfill import start_cloud_backfill
+
+        if not state_machine_arn:
+            raise click.UsageError(
+                "--cloud needs the backfill state machine's ARN: pass --state-machine-arn "
+                "or set LABELMARK_BACKFILL_STATE_MACHINE_ARN"
+            )
+        arn = start_cloud_backfill(aws.client(), state_machine_arn, prefix)
+        console.print(f"started backfill of {escape(prefix)}: {escape(arn)}")
+        return
+
+    if from_dir is None:
+        raise click.UsageError(
+            "locally, --from DIR is required, because the local source bucket starts empty"
+        )
+    document = _backfill_local(console, prefix, from_dir, max_concurrency, detector)
+    if out is not None:
+        out.write_text(json.dumps(document, ensure_ascii=False, indent=2), encoding="utf-8")
+    counts = ", ".join(
+        f"{count} {status.lower()}" for status, count in sorted(document["counts"].items())
+    )
+    console.print(
+        f"{document['total']} objects under {escape(prefix)}: {counts or 'none'}; "
+        f"results in s3://{document['processedBucket']}/{escape(document['resultsKey'])}"
+        + (f" and {escape(str(out))}" if out else "")
+    )
+    if document["total"] != document["counts"].get("SUCCEEDED", 0) + document["counts"].get(
+        "SKIPPED", 0
+    ):
+        sys.exit(1)
+
+
+def _backfill_local(
+    console: Console, prefix: str, from_dir: Path, max_concurrency: int, detector: str
+) -> dict:
+    from workflow.backfill import backfill_local, upload_folder
+    from workflow.engine import EngineConfig, LocalEngine
+
+    # moto logs each caught task failure with the whole state; the results file has the error.
+    logging.getLogger("moto").setLevel(logging.CRITICAL)
+    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "CRITICAL")
+
+    def report(item: dict) -> None:
+        if item["status"] not in ("SUCCEEDED", "SKIPPED"):
+            console.print(
+                f"[red]{item['status']}[/red] {escape(item['key'])}: {escape(str(item['error']))}"
+            )
+
+    try:
+        with LocalEngine(EngineConfig(detector=detector)) as engine:
+            upload_folder(engine, from_dir, prefix)
+            document = backfill_local(
+                engine, prefix, max_concurrency=max_concurrency, on_result=report
+            )
+            document["processedBucket"] = engine.config.processed_bucket
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return document

@@ -1,0 +1,159 @@
+"""Backfill: the local run over a prefix with bounded concurrency, and --cloud against Stubber."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from click.testing import CliRunner
+from PIL import Image
+
+from workflow import cloud
+from workflow.backfill import RESULTS_PREFIX, backfill_local, upload_folder
+from workflow.cli import main
+from workflow.engine import LocalEngine
+
+BACKFILL_ARN = "arn:aws:states:us-east-1:123456789012:stateMachine:labelmark-backfill"
+
+
+def _write_photos(folder: Path, count: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (index % 256, 120, 200)).save(buffer, format="JPEG")
+        (folder / f"photo-{index:03d}.jpg").write_bytes(buffer.getvalue())
+
+
+@pytest.mark.slow
+def test_backfill_local_publishes_each_once(engine: LocalEngine, tmp_path: Path) -> None:
+    # GIVEN 200 small JPEGs under a prefix of the source bucket, and one object outside it
+    _write_photos(tmp_path / "photos", 200)
+    upload_folder(engine, tmp_path / "photos", "old/2024/")
+    engine.upload("other/photo.jpg", (tmp_path / "photos" / "photo-000.jpg").read_bytes())
+
+    # WHEN the prefix is backfilled, four executions at a time
+    started = time.monotonic()
+    document = backfill_local(engine, "old/2024/", max_concurrency=4)
+    seconds = time.monotonic() - started
+
+    # THEN every object under the prefix is published exactly once, with its sidecar
+    published = engine.list_keys(engine.config.processed_bucket, "watermarked-")
+    images = [key for key in published if key.endswith(".jpg")]
+    assert len(images) == 200
+    assert len(set(images)) == 200
+    assert "watermarked-other/photo.jpg" not in images
+    assert document["total"] == 200
+    assert document["counts"] == {"SUCCEEDED": 200}
+    assert len(engine.list_keys(engine.config.processed_bucket, "labelmark-staging/")) == 0
+    assert seconds < 60
+
+    # AND the results file in the processed bucket carries the same counts
+    stored = json.loads(engine.get_bytes(engine.config.processed_bucket, document["resultsKey"]))
+    assert document["resultsKey"].startswith(RESULTS_PREFIX)
+    assert stored["counts"] == {"SUCCEEDED": 200}
+    assert len({item["key"] for item in stored["items"]}) == 200
+
+
+def test_backfill_local_bounds_concurrency(engine: LocalEngine, tmp_path: Path) -> None:
+    _write_photos(tmp_path / "photos", 6)
+    upload_folder(engine, tmp_path / "photos", "p/")
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+    original_run = engine.run
+
+    def counting_run(*args: object, **kwargs: object) -> object:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            return original_run(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                running -= 1
+
+    engine.run = counting_run  # type: ignore[method-assign]
+    document = backfill_local(engine, "p/", max_concurrency=2)
+
+    assert document["counts"] == {"SUCCEEDED": 6}
+    assert peak == 2
+
+
+def test_backfill_local_counts_skipped_and_failed(engine: LocalEngine) -> None:
+    engine.upload("mixed/empty.jpg", b"")
+    engine.upload("mixed/notes.jpg", b"this is not an image")
+
+    document = backfill_local(engine, "mixed/")
+
+    statuses = {item["key"]: item["status"] for item in document["items"]}
+    assert statuses["mixed/empty.jpg"] == "SKIPPED"
+    assert statuses["mixed/notes.jpg"] == "FAILED"
+    assert document["counts"] == {"SKIPPED": 1, "FAILED": 1}
+
+
+def test_backfill_local_rejects_zero_concurrency(engine: LocalEngine) -> None:
+    with pytest.raises(ValueError, match="max_concurrency must be 1 or more, got 0"):
+        backfill_local(engine, "p/", max_concurrency=0)
+
+
+def test_backfill_cli_local_writes_out_file(tmp_path: Path) -> None:
+    _write_photos(tmp_path / "photos", 2)
+    out = tmp_path / "results.json"
+
+    result = CliRunner().invoke(
+        main, ["backfill", "old/", "--from", str(tmp_path / "photos"), "--out", str(out)]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "2 objects under old/: 2 succeeded" in result.output
+    assert json.loads(out.read_text(encoding="utf-8"))["counts"] == {"SUCCEEDED": 2}
+
+
+def test_backfill_cli_local_needs_from() -> None:
+    result = CliRunner().invoke(main, ["backfill", "old/"])
+
+    assert result.exit_code == 2
+    assert "locally, --from DIR is required" in result.output
+
+
+def test_backfill_cli_cloud_starts_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    sfn = boto3.client("stepfunctions", region_name="us-east-1")
+    monkeypatch.setattr(cloud, "client", lambda region=None: sfn)
+    execution = BACKFILL_ARN.replace(":stateMachine:", ":execution:") + ":run-1"
+
+    with Stubber(sfn) as stub:
+        stub.add_response(
+            "start_execution",
+            {"executionArn": execution, "startDate": "2026-12-04T12:00:00Z"},
+            {"stateMachineArn": BACKFILL_ARN, "input": json.dumps({"prefix": "photos/2024/"})},
+        )
+        result = CliRunner().invoke(
+            main, ["backfill", "photos/2024/", "--cloud", "--state-machine-arn", BACKFILL_ARN]
+        )
+        stub.assert_no_pending_responses()
+
+    assert result.exit_code == 0, result.output
+    assert f"started backfill of photos/2024/: {execution}" in " ".join(result.output.split())
+
+
+def test_backfill_cli_cloud_needs_arn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LABELMARK_BACKFILL_STATE_MACHINE_ARN", raising=False)
+
+    result = CliRunner().invoke(main, ["backfill", "photos/", "--cloud"])
+
+    assert result.exit_code == 2
+    assert "--cloud needs the backfill state machine's ARN" in result.output
+
+
+def test_backfill_cli_help_has_example() -> None:
+    result = CliRunner().invoke(main, ["backfill", "--help"])
+
+    assert result.exit_code == 0
+    assert "Example: labelmark backfill photos/2024/" in result.output

@@ -1,0 +1,137 @@
+"""Run the pipeline over objects that already exist under a prefix of the source bucket.
+
+In the cloud, a backfill is one execution of the state machine in `workflow/backfill.asl.json`.
+Its Distributed Map lists the prefix and starts one pipeline execution per object, at most 40 at
+a time. It writes its results under `labelmark-backfill/` in the processed bucket.
+
+Locally that definition is not run, because moto 5.2.5 fails the map's
+`states:startExecution.sync:2` task with `States.Runtime: 'StateMachineArn'`. `backfill_local`
+does the same work itself instead: it lists the prefix, starts one pipeline execution per object
+with `LocalEngine.start_execution`, keeps at most MAX_CONCURRENCY of them running, and writes a
+results file of its own shape (counts and per-key status) to the processed bucket.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from workflow.engine import LocalEngine, object_created_event
+
+__all__ = [
+    "RESULTS_PREFIX",
+    "backfill_local",
+    "start_cloud_backfill",
+    "upload_folder",
+]
+
+RESULTS_PREFIX = "labelmark-backfill/"
+
+
+def upload_folder(engine: LocalEngine, folder: Path, prefix: str) -> list[str]:
+    """Put every file under FOLDER into the local source bucket as PREFIX + its relative path."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder to backfill from not found: {folder}")
+    keys = []
+    for path in sorted(item for item in folder.rglob("*") if item.is_file()):
+        key = prefix + path.relative_to(folder).as_posix()
+        engine.upload(key, path.read_bytes())
+        keys.append(key)
+    return keys
+
+
+def backfill_local(
+    engine: LocalEngine,
+    prefix: str,
+    *,
+    max_concurrency: int = 4,
+    timeout: float = 600.0,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline once per object under PREFIX and return the results document.
+
+    The document is also written to the processed bucket under RESULTS_PREFIX, and its key is
+    returned in it as `resultsKey`. Objects the pipeline skips (folder markers, empty objects,
+    its own output) are counted as SKIPPED.
+    """
+    if max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be 1 or more, got {max_concurrency}")
+    objects = _list_objects(engine, prefix)
+    started = dt.datetime.now(dt.UTC)
+    lock = threading.Lock()
+
+    def run_one(item: dict[str, Any]) -> dict[str, Any]:
+        result = _run_object(engine, item, timeout)
+        if on_result is not None:
+            with lock:
+                on_result(result)
+        return result
+
+    # Each worker waits for its execution to end, so at most MAX_CONCURRENCY run at once.
+    with ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="backfill") as pool:
+        items = list(pool.map(run_one, objects))
+
+    document = {
+        "prefix": prefix,
+        "sourceBucket": engine.config.source_bucket,
+        "started": started.isoformat(),
+        "stopped": dt.datetime.now(dt.UTC).isoformat(),
+        "maxConcurrency": max_concurrency,
+        "total": len(items),
+        "counts": dict(Counter(item["status"] for item in items)),
+        "items": items,
+    }
+    key = f"{RESULTS_PREFIX}{started.strftime('%Y%m%dT%H%M%S%fZ')}-results.json"
+    document["resultsKey"] = key
+    engine.s3.put_object(
+        Bucket=engine.config.processed_bucket,
+        Key=key,
+        Body=json.dumps(document, ensure_ascii=False, indent=2).encode("utf-8"),
+        ContentType="application/json",
+    )
+    return document
+
+
+def start_cloud_backfill(sfn: Any, state_machine_arn: str, prefix: str) -> str:
+    """Start the deployed backfill state machine for PREFIX and return the execution ARN."""
+    response = sfn.start_execution(
+        stateMachineArn=state_machine_arn, input=json.dumps({"prefix": prefix})
+    )
+    return str(response["executionArn"])
+
+
+def _list_objects(engine: LocalEngine, prefix: str) -> list[dict[str, Any]]:
+    objects: list[dict[str, Any]] = []
+    paginator = engine.s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=engine.config.source_bucket, Prefix=prefix):
+        objects.extend(page.get("Contents", []))
+    return objects
+
+
+def _run_object(engine: LocalEngine, item: dict[str, Any], timeout: float) -> dict[str, Any]:
+    from functions.common.events import encode_key
+
+    key = str(item["Key"])
+    etag = str(item.get("ETag", "")).strip('"')
+    event = object_created_event(
+        engine.config.source_bucket, encode_key(key), int(item.get("Size", 0)), etag
+    )
+    try:
+        result = engine.run(event, timeout=timeout)
+    # One object that cannot start must not end the backfill of the others.
+    except Exception as exc:
+        return {
+            "key": key,
+            "status": "NOT_STARTED",
+            "execution": None,
+            "error": f"{type(exc).__name__}: {exc}",
+        }
+
+    status = "SKIPPED" if result.status == "SUCCEEDED" and result.skipped_reason else result.status
+    return {"key": key, "status": status, "execution": result.name, "error": result.error}
