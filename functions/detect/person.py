@@ -32,7 +32,7 @@ CASCADE_FILENAME = "face_cascade.json"
 # image's longest side is missed (24 px of 192, 12.5% of a 4:3 photo's short side), and every
 # doubling of this costs about four times the time. At 256 px the cascade takes about 14 ms on
 # 2 cores (bench/labels.py). At 224 px it still found the astronaut in scikit-image's sample
-# photo but with 5 neighbours instead of 8, and at 192 px it missed it.
+# photo but with 4 neighbours instead of 9, and at 192 px it missed it.
 DETECT_MAX_SIDE = 256
 SCALE_STEP = 1.2
 MIN_NEIGHBOURS = 3
