@@ -89,6 +89,15 @@ def test_detect_labels_shape_per_image_mode(mode):
 
 
 @needs_model
+@pytest.mark.parametrize("size", [(8, 8), (24, 24), (1000, 30), (30, 1000)])
+def test_detect_labels_tiny_and_thin_images(size):
+    # Images smaller than the 24 px face window on a side get no face search, and no error.
+    labels = local_model.detect_labels(Image.new("RGB", size, (90, 120, 150)), min_confidence=0.0)
+    assert 1 <= len(labels) <= 10
+    assert all(label["Instances"] == [] for label in labels)
+
+
+@needs_model
 def test_detect_labels_parents_at_least_child():
     labels = local_model.detect_labels(_photo("chelsea"), max_labels=50, min_confidence=0.0)
     confidence = {label["Name"]: label["Confidence"] for label in labels}

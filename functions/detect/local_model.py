@@ -95,7 +95,7 @@ def _load_detector() -> _Detector:
     options.inter_op_num_threads = 1
     # Both are onnxruntime 1.32's defaults, set here so the model keeps its fused convolution +
     # clip kernels and reuses activation buffers between calls if a release changes them.
-    # ORT_ENABLE_BASIC took about twice as long per call in bench/labels.py.
+    # ORT_ENABLE_BASIC took about twice as long per call, measured on 2 cores.
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_cpu_mem_arena = True
     # By default the intra-op threads keep spinning after run() returns, waiting for more work,
@@ -203,9 +203,9 @@ def detect_labels(
     detector = get_detector()
     rgb = _reduce_for_model(_to_rgb(image))
     probabilities = classify(rgb)
-    # A sum over the 2,860 class-label pairs, not a (1000, 720) matrix product. On 2 cores the
-    # product took about 6 ms and made the face cascade after it twice as slow, most likely
-    # because OpenBLAS's worker threads keep spinning after the call.
+    # A sum over the class-label pairs (2,860 with the current table), not a (1000, labels)
+    # matrix product. On 2 cores the product took about 6 ms and made the face cascade after it
+    # about twice as slow, most likely because OpenBLAS's worker threads keep spinning.
     confidences = 100.0 * np.bincount(
         detector.label_index,
         weights=probabilities[detector.class_index],
