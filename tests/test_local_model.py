@@ -326,7 +326,6 @@ def test_detect_faces_box_matches_reference():
     assert faces[0]["Confidence"] == person.neighbours_to_confidence(neighbours)
 
 
-@needs_model
 def test_group_rectangles_joins_chains():
     # a and c are too far apart to match, but both match b, so all three form one group.
     rects = np.array([[0, 0, 100, 100], [15, 0, 100, 100], [30, 0, 100, 100], [300, 300, 50, 50]],
@@ -336,3 +335,17 @@ def test_group_rectangles_joins_chains():
     mean, neighbours = groups[0]
     assert neighbours == 3
     assert mean.tolist() == [15.0, 0.0, 100.0, 100.0]
+
+
+def test_group_rectangles_chunks_agree(monkeypatch):
+    rng = np.random.default_rng(0)
+    sizes = rng.choice([24.0, 28.8, 34.56], 400)
+    rects = np.column_stack([rng.uniform(0, 100, 400), rng.uniform(0, 100, 400), sizes, sizes])
+    whole = person._group_rectangles(rects)
+    # GIVEN a chunk of fewer pairs than one row of 400 WHEN grouping THEN the groups are equal
+    monkeypatch.setattr(person, "GROUPING_PAIRS_PER_CHUNK", 100)
+    chunked = person._group_rectangles(rects)
+    assert len(whole) > 1
+    assert [count for _, count in chunked] == [count for _, count in whole]
+    for (mean_chunked, _), (mean_whole, _) in zip(chunked, whole, strict=True):
+        np.testing.assert_allclose(mean_chunked, mean_whole)

@@ -247,6 +247,32 @@ def _passing_windows(cascade: FaceCascade, pyramid: _Pyramid) -> np.ndarray:
     return alive
 
 
+# Pairs of detections compared at once while grouping, which bounds the memory of the
+# comparison to a few tens of MB however many windows pass the cascade.
+GROUPING_PAIRS_PER_CHUNK = 1_000_000
+
+
+def _similar_pairs(rects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return index arrays (i, j) of every pair of rects that OpenCV's rule calls similar."""
+    count = len(rects)
+    x, y, w, h = (rects[:, i] for i in range(4))
+    rows_per_chunk = max(1, GROUPING_PAIRS_PER_CHUNK // count)
+    firsts, seconds = [], []
+    for start in range(0, count, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, count))
+        delta = GROUPING_EPS * (np.minimum.outer(w[rows], w) + np.minimum.outer(h[rows], h)) * 0.5
+        similar = (
+            (np.abs(np.subtract.outer(x[rows], x)) <= delta)
+            & (np.abs(np.subtract.outer(y[rows], y)) <= delta)
+            & (np.abs(np.subtract.outer(x[rows] + w[rows], x + w)) <= delta)
+            & (np.abs(np.subtract.outer(y[rows] + h[rows], y + h)) <= delta)
+        )
+        first, second = np.nonzero(similar)
+        firsts.append(first + start)
+        seconds.append(second)
+    return np.concatenate(firsts), np.concatenate(seconds)
+
+
 def _group_rectangles(rects: np.ndarray) -> list[tuple[np.ndarray, int]]:
     """Merge overlapping detections and return (mean rect, neighbour count) per kept group.
 
@@ -254,18 +280,13 @@ def _group_rectangles(rects: np.ndarray) -> list[tuple[np.ndarray, int]]:
     the rule of OpenCV's groupRectangles, and groups are closed under that relation. Groups with
     fewer than MIN_NEIGHBOURS members are treated as noise.
     """
-    x, y, w, h = (rects[:, i] for i in range(4))
-    delta = GROUPING_EPS * (np.minimum.outer(w, w) + np.minimum.outer(h, h)) * 0.5
-    similar = (
-        (np.abs(np.subtract.outer(x, x)) <= delta)
-        & (np.abs(np.subtract.outer(y, y)) <= delta)
-        & (np.abs(np.subtract.outer(x + w, x + w)) <= delta)
-        & (np.abs(np.subtract.outer(y + h, y + h)) <= delta)
-    )
+    first, second = _similar_pairs(rects)
     # Spread the smallest member index through each connected group until nothing changes.
+    # Every rect is similar to itself, so each keeps its own index until a smaller one arrives.
     group = np.arange(len(rects))
     while True:
-        spread = np.where(similar, group[None, :], len(rects)).min(axis=1)
+        spread = group.copy()
+        np.minimum.at(spread, first, group[second])
         if np.array_equal(spread, group):
             break
         group = spread
