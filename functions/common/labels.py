@@ -12,12 +12,17 @@ def headline_names(labels: list[dict[str, Any]], count: int) -> list[str]:
 
     Rekognition gives a parent at least its best child's confidence, so sorting by confidence alone
     puts "Animal" before "Cat". A label that is another label's parent is listed after the labels
-    that are nobody's parent; within each group the backend's confidence order is kept.
+    that are nobody's parent. Among those parents, one with more ancestors is more specific
+    ("Rocket" under "Aircraft" under "Vehicle") and comes first. Ties keep the confidence order.
     """
     parents = {
         str(parent["Name"]) for label in labels for parent in label.get("Parents", []) if "Name" in parent
     }
     ranked = sorted(labels, key=lambda label: -float(label.get("Confidence", 0.0)))
     specific = [str(label["Name"]) for label in ranked if str(label["Name"]) not in parents]
-    general = [str(label["Name"]) for label in ranked if str(label["Name"]) in parents]
+    general = [
+        str(label["Name"])
+        for label in sorted(ranked, key=lambda label: -len(label.get("Parents", [])))
+        if str(label["Name"]) in parents
+    ]
     return (specific + general)[:count]

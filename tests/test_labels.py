@@ -1,0 +1,43 @@
+"""Which labels the watermark and the command line show first."""
+
+from __future__ import annotations
+
+from functions.common.labels import headline_names
+
+
+def _label(name: str, confidence: float, *parents: str) -> dict:
+    return {"Name": name, "Confidence": confidence, "Parents": [{"Name": parent} for parent in parents]}
+
+
+def test_headline_puts_leaf_before_parents() -> None:
+    labels = [
+        _label("Animal", 97.0),
+        _label("Mammal", 96.0, "Animal"),
+        _label("Cat", 92.0, "Pet", "Mammal", "Animal"),
+    ]
+
+    assert headline_names(labels, 3) == ["Cat", "Mammal", "Animal"]
+
+
+def test_headline_orders_parents_by_depth() -> None:
+    # Rekognition-style: each parent is at least as confident as its children.
+    labels = [
+        _label("Vehicle", 84.7, "Transportation"),
+        _label("Transportation", 84.7),
+        _label("Aircraft", 84.2, "Vehicle", "Transportation"),
+        _label("Rocket", 83.8, "Spaceship", "Aircraft", "Vehicle", "Transportation"),
+        _label("Spaceship", 83.8, "Aircraft", "Vehicle", "Transportation"),
+        _label("Missile", 82.4, "Aircraft", "Rocket", "Spaceship", "Transportation", "Vehicle"),
+    ]
+
+    assert headline_names(labels, 3) == ["Missile", "Rocket", "Spaceship"]
+
+
+def test_headline_keeps_confidence_order_among_leaves() -> None:
+    labels = [_label("Dog", 60.0), _label("Person", 90.0), _label("Chair", 75.0)]
+
+    assert headline_names(labels, 2) == ["Person", "Chair"]
+
+
+def test_headline_of_no_labels_is_empty() -> None:
+    assert headline_names([], 3) == []
