@@ -51,8 +51,15 @@ def sample_image(name: str) -> Image.Image:
     return Image.fromarray(pixels).convert("RGB")
 
 
-def camera_jpeg(name: str, size: tuple[int, int], orientation: int, *, seed: int, noise_sigma: float = 7.0,
-                quality: int = 90) -> bytes:
+def camera_jpeg(
+    name: str,
+    size: tuple[int, int],
+    orientation: int,
+    *,
+    seed: int,
+    noise_sigma: float = 7.0,
+    quality: int = 90,
+) -> bytes:
     """Return NAME upscaled to SIZE with sensor-like noise, as a JPEG tagged with ORIENTATION."""
     upscaled = sample_image(name).resize(size, Image.Resampling.BICUBIC)
     pixels = np.asarray(upscaled, dtype=np.int16)
@@ -123,14 +130,24 @@ def current_rss_mib() -> float:
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
 
-def run_child(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 1800) -> dict[str, Any]:
+def run_child(
+    args: list[str], *, env: dict[str, str] | None = None, timeout: float = 1800
+) -> dict[str, Any]:
     """Run a Python child process and return the JSON object it prints on its last output line."""
     child_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     completed = subprocess.run(
-        [PYTHON, *args], capture_output=True, text=True, timeout=timeout, env=child_env, cwd=ROOT, check=False
+        [PYTHON, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env,
+        cwd=ROOT,
+        check=False,
     )
     if completed.returncode != 0:
-        raise RuntimeError(f"child {args} failed with status {completed.returncode}:\n{completed.stderr[-3000:]}")
+        raise RuntimeError(
+            f"child {args} failed with status {completed.returncode}:\n{completed.stderr[-3000:]}"
+        )
     return dict(json.loads(completed.stdout.strip().splitlines()[-1]))
 
 

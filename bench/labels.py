@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from functions.detect import local_model, person  # noqa: E402
+from functions.detect import local_model, person
 
 TIMING_RUNS = 30
 # Decode and detection of one 12 MP JPEG, model already loaded.
@@ -92,15 +92,25 @@ PHOTOS: list[Case] = [
     _case("gravel", lambda: _photo("gravel"), "Gravel", "Rock", "Stone", "Pebble"),
     _case("moon", lambda: _photo("moon"), "Moon", "Astronomy", "Space"),
     _case(
-        "hubble deep field", lambda: _photo("hubble_deep_field"),
-        "Space", "Outer Space", "Galaxy", "Astronomy", "Star", "Universe",
+        "hubble deep field",
+        lambda: _photo("hubble_deep_field"),
+        "Space",
+        "Outer Space",
+        "Galaxy",
+        "Astronomy",
+        "Star",
+        "Universe",
     ),
     _case("retina", lambda: _photo("retina"), "Eye", "Retina"),
     _case("microaneurysms (retina)", lambda: _photo("microaneurysms"), "Eye", "Retina"),
     _case("cell (microscope)", lambda: _photo("cell"), "Cell", "Microscopy", "Biology"),
     _case(
-        "immunohistochemistry", lambda: _photo("immunohistochemistry"),
-        "Microscopy", "Tissue", "Cell", "Biology",
+        "immunohistochemistry",
+        lambda: _photo("immunohistochemistry"),
+        "Microscopy",
+        "Tissue",
+        "Cell",
+        "Biology",
     ),
     *[_case(f"lfw face {i}", lambda i=i: _lfw_face(i), *PERSON) for i in (0, 1, 2, 3)],
 ]
@@ -117,12 +127,27 @@ VARIANTS: list[Case] = [
 
 
 # The 17 cases of the earlier record of this bench, which counted copies as photos of their own.
-EARLIER_CASES = frozenset({
-    "chelsea", "chelsea mirrored", "chelsea greyscale", "coffee", "coffee mirrored", "rocket",
-    "rocket mirrored", "astronaut", "astronaut mirrored", "camera (cameraman)", "motorcycle left",
-    "motorcycle right", "horse (silhouette)", "lfw face 0", "lfw face 1", "lfw face 2",
-    "lfw face 3",
-})
+EARLIER_CASES = frozenset(
+    {
+        "chelsea",
+        "chelsea mirrored",
+        "chelsea greyscale",
+        "coffee",
+        "coffee mirrored",
+        "rocket",
+        "rocket mirrored",
+        "astronaut",
+        "astronaut mirrored",
+        "camera (cameraman)",
+        "motorcycle left",
+        "motorcycle right",
+        "horse (silhouette)",
+        "lfw face 0",
+        "lfw face 1",
+        "lfw face 2",
+        "lfw face 3",
+    }
+)
 
 
 def _score(title: str, cases: list[Case]) -> set[str]:
@@ -145,8 +170,10 @@ def _score(title: str, cases: list[Case]) -> set[str]:
 
 def _print_rate(label: str, hits: int, total: int) -> None:
     rate = hits / total
-    print(f"{label}: {hits}/{total} = {100 * rate:.0f}% "
-          f"(target {100 * TARGET_HIT_RATE:.0f}%, ratio {rate / TARGET_HIT_RATE:.2f})")
+    print(
+        f"{label}: {hits}/{total} = {100 * rate:.0f}% "
+        f"(target {100 * TARGET_HIT_RATE:.0f}%, ratio {rate / TARGET_HIT_RATE:.2f})"
+    )
 
 
 def _time_ms(function: Callable[[], object], runs: int = TIMING_RUNS) -> tuple[float, float, float]:
@@ -194,7 +221,9 @@ def main() -> int:
     hits = _score("Distinct photos", PHOTOS)
     hits |= _score("Mirrored and greyscale copies (robustness, not counted above)", VARIANTS)
     print()
-    _print_rate("Earlier 17-case set, for comparison", len(hits & EARLIER_CASES), len(EARLIER_CASES))
+    _print_rate(
+        "Earlier 17-case set, for comparison", len(hits & EARLIER_CASES), len(EARLIER_CASES)
+    )
 
     chelsea = _photo("chelsea")
     cascade = local_model.get_detector().cascade
@@ -203,25 +232,45 @@ def main() -> int:
     decoded = _decode(smooth_jpeg)
     rows = [
         ("classifier only (224 x 224 input)", lambda: local_model.classify(chelsea), False),
-        (f"face cascade only ({decoded.width} x {decoded.height} input)",
-         lambda: person.detect_faces(cascade, decoded), False),
-        ("detect_labels, 451 x 300 photo (model only)",
-         lambda: local_model.detect_labels(chelsea), True),
-        (f"12 MP JPEG decode with draft ({len(smooth_jpeg) // 1024} KiB)",
-         lambda: _decode(smooth_jpeg), False),
-        ("12 MP JPEG decode + detect_labels",
-         lambda: local_model.detect_labels(_decode(smooth_jpeg)), True),
-        (f"noisy 12 MP JPEG decode ({len(noisy_jpeg) // 1024} KiB)",
-         lambda: _decode(noisy_jpeg), False),
-        ("noisy 12 MP JPEG decode + detect_labels",
-         lambda: local_model.detect_labels(_decode(noisy_jpeg)), True),
+        (
+            f"face cascade only ({decoded.width} x {decoded.height} input)",
+            lambda: person.detect_faces(cascade, decoded),
+            False,
+        ),
+        (
+            "detect_labels, 451 x 300 photo (model only)",
+            lambda: local_model.detect_labels(chelsea),
+            True,
+        ),
+        (
+            f"12 MP JPEG decode with draft ({len(smooth_jpeg) // 1024} KiB)",
+            lambda: _decode(smooth_jpeg),
+            False,
+        ),
+        (
+            "12 MP JPEG decode + detect_labels",
+            lambda: local_model.detect_labels(_decode(smooth_jpeg)),
+            True,
+        ),
+        (
+            f"noisy 12 MP JPEG decode ({len(noisy_jpeg) // 1024} KiB)",
+            lambda: _decode(noisy_jpeg),
+            False,
+        ),
+        (
+            "noisy 12 MP JPEG decode + detect_labels",
+            lambda: local_model.detect_labels(_decode(noisy_jpeg)),
+            True,
+        ),
     ]
     figures = [(label, _time_ms(function), target) for label, function, target in rows]
     load_after = os.getloadavg()[0]
 
-    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{local_model.INTRA_OP_THREADS} onnxruntime threads; load average "
-          f"{load_before:.1f} before, {load_after:.1f} after")
+    print(
+        f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{local_model.INTRA_OP_THREADS} onnxruntime threads; load average "
+        f"{load_before:.1f} before, {load_after:.1f} after"
+    )
     print(f"{'step, ' + str(TIMING_RUNS) + ' runs':44} {'median':>6} {'max':>6} {'CPU':>6}  (ms)")
     for label, timing, target in figures:
         _print_latency(label, timing, target)

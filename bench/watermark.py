@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     current_rss_mib,
     peak_rss_mib,
     pin_one_core,
@@ -120,7 +120,9 @@ def run_variant(variant: str, photos: list[Path], rounds: int) -> dict[str, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=3, help="passes over the photos per variant")
-    parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder for the generated photos")
+    parser.add_argument(
+        "--photos", type=Path, default=DEFAULT_PHOTOS, help="folder for the generated photos"
+    )
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -130,8 +132,17 @@ def main() -> None:
         return
 
     results = {
-        variant: run_child(["bench/watermark.py", "--child", variant, "--rounds", str(args.rounds),
-                            "--photos", str(args.photos)])
+        variant: run_child(
+            [
+                "bench/watermark.py",
+                "--child",
+                variant,
+                "--rounds",
+                str(args.rounds),
+                "--photos",
+                str(args.photos),
+            ]
+        )
         for variant in VARIANTS
     }
     render, naive, floor = results["render"], results["naive"], results["floor"]
@@ -142,16 +153,22 @@ def main() -> None:
     }
 
     print(f"{len(photos)} photos (8 to 12 MP JPEG) x {args.rounds} rounds, one core per variant")
-    print(f"{'variant':<8} {'images/s':>9} {'ms/image':>9} {'peak MiB':>9} {'RSS MiB':>8} {'out KiB':>8}")
+    print(
+        f"{'variant':<8} {'images/s':>9} {'ms/image':>9} {'peak MiB':>9} {'RSS MiB':>8} {'out KiB':>8}"
+    )
     for variant, result in results.items():
-        print(f"{variant:<8} {result['images_per_second']:9.2f} {1000 / result['images_per_second']:9.0f} "
-              f"{result['peak_mib']:9.0f} {result['peak_rss_mib']:8.0f} {result['mean_output_kib']:8.0f}")
+        print(
+            f"{variant:<8} {result['images_per_second']:9.2f} {1000 / result['images_per_second']:9.0f} "
+            f"{result['peak_mib']:9.0f} {result['peak_rss_mib']:8.0f} {result['mean_output_kib']:8.0f}"
+        )
     print(f"throughput vs naive: {ratios['throughput_vs_naive']:.2f}x (target >= 1.5x)")
     print(f"peak memory vs naive: {ratios['peak_memory_vs_naive']:.2f}x (target <= 0.65x)")
     print(f"throughput vs floor: {ratios['throughput_vs_floor']:.2f}x (target >= {1 / 1.1:.2f}x)")
 
-    record_figures("watermark", {"variants": results, "ratios": ratios, "photos": len(photos),
-                                 "rounds": args.rounds})
+    record_figures(
+        "watermark",
+        {"variants": results, "ratios": ratios, "photos": len(photos), "rounds": args.rounds},
+    )
 
 
 if __name__ == "__main__":

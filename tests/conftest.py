@@ -54,7 +54,9 @@ def skimage_data() -> Path:
     return Path(skimage.__file__).parent / "data"
 
 
-def jpeg_bytes(size: tuple[int, int] = (320, 240), color: tuple[int, int, int] = (40, 120, 200), **save: object) -> bytes:
+def jpeg_bytes(
+    size: tuple[int, int] = (320, 240), color: tuple[int, int, int] = (40, 120, 200), **save: object
+) -> bytes:
     """Return a small generated JPEG."""
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="JPEG", **save)

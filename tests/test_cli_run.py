@@ -41,7 +41,10 @@ def test_run_samples_exits_zero(sample_run: tuple) -> None:
     ("file", "expected"),
     [
         ("chelsea.png", "Cat"),  # tabby cat, scikit-image's "chelsea"
-        ("phone/IMG 0001 sideways cat.jpg", "Cat"),  # same cat stored sideways with EXIF orientation 6
+        (
+            "phone/IMG 0001 sideways cat.jpg",
+            "Cat",
+        ),  # same cat stored sideways with EXIF orientation 6
         ("coffee.png", "Cup"),  # a cup of coffee on a saucer
         ("astronaut.png", "Person"),  # portrait of Eileen Collins
         ("phone/coffee.heic", "Cup"),  # HEIC as phones save it
@@ -49,7 +52,9 @@ def test_run_samples_exits_zero(sample_run: tuple) -> None:
 )
 def test_run_sidecar_names_what_is_in_photo(sample_run: tuple, file: str, expected: str) -> None:
     _, out = sample_run
-    sidecar = json.loads((out / f"watermarked-samples/{file}.labels.json").read_text(encoding="utf-8"))
+    sidecar = json.loads(
+        (out / f"watermarked-samples/{file}.labels.json").read_text(encoding="utf-8")
+    )
 
     names = [label["Name"] for label in sidecar["labels"]]
     assert any(expected in name for name in names), names
@@ -69,10 +74,14 @@ def test_run_output_of_sideways_photo_is_upright(sample_run: tuple) -> None:
 def test_run_output_has_darker_band_at_bottom(sample_run: tuple) -> None:
     _, out = sample_run
     with Image.open(out / "watermarked-samples/chelsea.png") as published:
-        band = published.convert("L").crop((0, published.height - 8, published.width, published.height))
+        band = published.convert("L").crop(
+            (0, published.height - 8, published.width, published.height)
+        )
         band_mean = ImageStat.Stat(band).mean[0]
     with Image.open(_skimage("chelsea.png")) as original:
-        strip = original.convert("L").crop((0, original.height - 8, original.width, original.height))
+        strip = original.convert("L").crop(
+            (0, original.height - 8, original.width, original.height)
+        )
         original_mean = ImageStat.Stat(strip).mean[0]
 
     assert band_mean < original_mean * 0.7

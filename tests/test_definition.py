@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -26,7 +27,9 @@ def test_definition_file_is_unique() -> None:
 
 @pytest.mark.parametrize("state", LAMBDA_STATES)
 def test_definition_retries_every_transient_error(state: str) -> None:
-    retried = {name for rule in DEFINITION["States"][state]["Retry"] for name in rule["ErrorEquals"]}
+    retried = {
+        name for rule in DEFINITION["States"][state]["Retry"] for name in rule["ErrorEquals"]
+    }
     for name in errors.TRANSIENT_ERROR_NAMES:
         assert name in retried
 
@@ -41,7 +44,9 @@ def test_definition_retries_transient_errors_with_jitter(state: str) -> None:
 
 @pytest.mark.parametrize("state", LAMBDA_STATES)
 def test_definition_never_retries_permanent_errors(state: str) -> None:
-    retried = {name for rule in DEFINITION["States"][state]["Retry"] for name in rule["ErrorEquals"]}
+    retried = {
+        name for rule in DEFINITION["States"][state]["Retry"] for name in rule["ErrorEquals"]
+    }
     permanent = {
         cls.__name__
         for cls in vars(errors).values()
@@ -69,14 +74,19 @@ def test_render_definition_rejects_missing_placeholder() -> None:
     with pytest.raises(ValueError, match=r"placeholder \$\{ProcessedBucket\} has no value"):
         render_definition(
             template,
-            {"DetectFunctionArn": "a", "WatermarkFunctionArn": "b", "StoreFunctionArn": "c", "OutputPrefix": "w-"},
+            {
+                "DetectFunctionArn": "a",
+                "WatermarkFunctionArn": "b",
+                "StoreFunctionArn": "c",
+                "OutputPrefix": "w-",
+            },
         )
 
 
 def test_successful_path_stays_within_eight_transitions() -> None:
     # Guard, Detect, Watermark, Store, Done: Standard workflows bill per state transition.
     path = ["Guard", "Detect", "Watermark", "Store", "Done"]
-    for current, following in zip(path, path[1:], strict=False):
+    for current, following in itertools.pairwise(path):
         state = DEFINITION["States"][current]
         assert state.get("Next", state.get("Default")) == following
     assert len(path) <= 8

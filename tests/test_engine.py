@@ -7,8 +7,8 @@ import json
 import pytest
 
 from functions.common.errors import CorruptImageError, ThrottlingError
-from workflow.engine import EngineConfig, LocalEngine
 from tests.conftest import jpeg_bytes
+from workflow.engine import EngineConfig, LocalEngine
 
 
 def _entered_states(engine: LocalEngine, arn: str) -> list[str]:
@@ -49,7 +49,9 @@ def test_engine_sidecar_carries_labels_and_source(engine: LocalEngine) -> None:
     event = engine.upload("a/b c.jpg", jpeg_bytes())
     result = engine.run(event)
 
-    sidecar = json.loads(engine.get_bytes("labelmark-processed", "watermarked-a/b c.jpg.labels.json"))
+    sidecar = json.loads(
+        engine.get_bytes("labelmark-processed", "watermarked-a/b c.jpg.labels.json")
+    )
     assert result.status == "SUCCEEDED"
     assert sidecar["source"]["key"] == "a/b c.jpg"
     assert sidecar["labels"][0]["Name"] == "Mobile Phone"  # moto's canned DetectLabels response
@@ -101,7 +103,9 @@ def test_engine_records_permanent_error_and_fails() -> None:
     with LocalEngine(config, fault_hook=corrupt) as engine:
         result = engine.run(engine.upload("bad.jpg", jpeg_bytes()))
         entered = _entered_states(engine, result.arn)
-        record = json.loads(engine.get_bytes("labelmark-processed", f"labelmark-failures/{result.name}.json"))
+        record = json.loads(
+            engine.get_bytes("labelmark-processed", f"labelmark-failures/{result.name}.json")
+        )
         published = engine.list_keys("labelmark-processed", "watermarked-")
         invocations = dict(engine.dispatcher.invocations)
 
@@ -121,11 +125,17 @@ def test_engine_records_permanent_error_and_fails() -> None:
     [
         ("folder/", b"", "folder marker"),  # console "Create folder"
         ("empty.jpg", b"", "zero bytes"),  # upload interrupted before any byte
-        ("watermarked-cat.jpg", jpeg_bytes(), "written by the pipeline"),  # our own output copied back
+        (
+            "watermarked-cat.jpg",
+            jpeg_bytes(),
+            "written by the pipeline",
+        ),  # our own output copied back
         ("labelmark-staging/abc.jpg", jpeg_bytes(), "written by the pipeline"),  # a staging object
     ],
 )
-def test_engine_skips_what_is_not_work(engine: LocalEngine, key: str, body: bytes, reason: str) -> None:
+def test_engine_skips_what_is_not_work(
+    engine: LocalEngine, key: str, body: bytes, reason: str
+) -> None:
     result = engine.run(engine.upload(key, body))
 
     assert result.status == "SUCCEEDED"
@@ -152,7 +162,9 @@ def test_engine_timeout_is_reported_as_sandbox_timeout(monkeypatch: pytest.Monke
     from workflow import dispatch
 
     store = dispatch.FUNCTIONS["store"]
-    monkeypatch.setitem(dispatch.FUNCTIONS, "store", dispatch.LocalFunction(store.name, store.handler, 0.05))
+    monkeypatch.setitem(
+        dispatch.FUNCTIONS, "store", dispatch.LocalFunction(store.name, store.handler, 0.05)
+    )
 
     def hang(stage: str, event: dict) -> None:
         if stage == "store":

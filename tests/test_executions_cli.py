@@ -177,9 +177,11 @@ def test_replay_failed_resumes_and_exits_zero(tmp_path: Path) -> None:
             raise InjectedFault("off")
 
     config = EngineConfig(detector="rekognition", real_rekognition=False)
-    with ExecutionStore(tmp_path) as store:
-        with LocalEngine(config, fault_hook=hook, recorder=Recorder(store)) as engine:
-            name = engine.run(engine.upload("dog.jpg", jpeg_bytes())).name
+    with (
+        ExecutionStore(tmp_path) as store,
+        LocalEngine(config, fault_hook=hook, recorder=Recorder(store)) as engine,
+    ):
+        name = engine.run(engine.upload("dog.jpg", jpeg_bytes())).name
 
     # WHEN a dry run and then the replay run
     dry = CliRunner().invoke(

@@ -12,8 +12,8 @@ from moto import mock_aws
 from functions.common.aws import client, reset_clients
 from functions.common.errors import ConfigurationError, SourceNotFoundError
 from functions.common.events import encode_key
-from workflow.engine import object_created_event
 from tests.conftest import jpeg_bytes
+from workflow.engine import object_created_event
 
 AWKWARD_KEYS = [
     "plain.jpg",
@@ -69,7 +69,9 @@ def test_handlers_publish_awkward_key_once_decoded(buckets: Any, key: str) -> No
 
     # WHEN the three handlers run in order, as the state machine calls them
     detected = detect({"event": event, "execution": "e"}, _Context())
-    staged = watermark({"source": detected["source"], "labels": detected["labels"], "execution": "e"}, _Context())
+    staged = watermark(
+        {"source": detected["source"], "labels": detected["labels"], "execution": "e"}, _Context()
+    )
     stored = store({**detected, **staged, "execution": "e"}, _Context())
 
     # THEN the key was decoded exactly once and the output derives from the decoded key
@@ -97,27 +99,33 @@ def test_store_twice_is_a_no_op(buckets: Any) -> None:
 
 
 def test_store_without_staged_or_published_copy_fails(buckets: Any) -> None:
-    from functions.store.handler import store
     from functions.common.events import SourceObject
+    from functions.store.handler import store
     from functions.store.settings import StoreSettings
 
     source = SourceObject(bucket="in-bucket", key="gone.jpg", etag="abc")
     staged = {"bucket": "out-bucket", "key": "labelmark-staging/missing.jpg"}
 
-    with pytest.raises(SourceNotFoundError, match="staged image .* for 'gone.jpg' is gone"):
+    with pytest.raises(SourceNotFoundError, match=r"staged image .* for 'gone\.jpg' is gone"):
         store(source, [], staged, StoreSettings(processed_bucket="out-bucket"))
 
 
-def test_watermark_refuses_same_source_and_processed_bucket(buckets: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_watermark_refuses_same_source_and_processed_bucket(
+    buckets: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from functions.watermark.handler import handler as watermark
 
     monkeypatch.setenv("PROCESSED_BUCKET", "in-bucket")
     event = _upload(buckets, "loop.jpg")
     source = {"bucket": "in-bucket", "key": "loop.jpg", "etag": event["detail"]["object"]["etag"]}
 
-    with pytest.raises(ConfigurationError, match="source and processed bucket are both 'in-bucket'"):
+    with pytest.raises(
+        ConfigurationError, match="source and processed bucket are both 'in-bucket'"
+    ):
         watermark({"source": source, "labels": []}, _Context())
-    assert "Contents" not in buckets.list_objects_v2(Bucket="in-bucket", Prefix="labelmark-staging/")
+    assert "Contents" not in buckets.list_objects_v2(
+        Bucket="in-bucket", Prefix="labelmark-staging/"
+    )
 
 
 def test_detect_result_fits_state_payload_limit(buckets: Any) -> None:
@@ -138,7 +146,7 @@ def test_store_rejects_output_key_over_s3_limit(buckets: Any) -> None:
     source = SourceObject(bucket="in-bucket", key="k" * 1020 + ".jpg", etag="abc")
     staged = {"bucket": "out-bucket", "key": "labelmark-staging/x.jpg"}
 
-    with pytest.raises(InvalidKeyError, match="would be 1036 bytes .* S3 allows 1024"):
+    with pytest.raises(InvalidKeyError, match=r"would be 1036 bytes .* S3 allows 1024"):
         store(source, [], staged, StoreSettings(processed_bucket="out-bucket"))
 
 
@@ -158,7 +166,10 @@ def test_guard_skips_s3_notification_shape(engine: Any, key: str, size: int, rea
             {
                 "eventSource": "aws:s3",
                 "eventName": "ObjectCreated:Put",
-                "s3": {"bucket": {"name": "labelmark-source"}, "object": {"key": encode_key(key), "size": size}},
+                "s3": {
+                    "bucket": {"name": "labelmark-source"},
+                    "object": {"key": encode_key(key), "size": size},
+                },
             }
         ]
     }

@@ -6,7 +6,11 @@ from functions.common.labels import headline_names
 
 
 def _label(name: str, confidence: float, *parents: str) -> dict:
-    return {"Name": name, "Confidence": confidence, "Parents": [{"Name": parent} for parent in parents]}
+    return {
+        "Name": name,
+        "Confidence": confidence,
+        "Parents": [{"Name": parent} for parent in parents],
+    }
 
 
 def test_headline_puts_leaf_before_parents() -> None:

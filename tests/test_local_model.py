@@ -220,12 +220,22 @@ def _reference_lbp_code(integral: np.ndarray, x0: int, y0: int, rect: list[int])
         for j in range(3):
             top, left = y0 + y + i * h, x0 + x + j * w
             sums[i][j] = int(
-                integral[top + h, left + w] - integral[top + h, left]
-                - integral[top, left + w] + integral[top, left]
+                integral[top + h, left + w]
+                - integral[top + h, left]
+                - integral[top, left + w]
+                + integral[top, left]
             )
     centre = sums[1][1]
-    ring = [sums[0][0], sums[0][1], sums[0][2], sums[1][2],
-            sums[2][2], sums[2][1], sums[2][0], sums[1][0]]
+    ring = [
+        sums[0][0],
+        sums[0][1],
+        sums[0][2],
+        sums[1][2],
+        sums[2][2],
+        sums[2][1],
+        sums[2][0],
+        sums[1][0],
+    ]
     code = 0
     for block in ring:
         code = (code << 1) | (block >= centre)
@@ -258,7 +268,9 @@ def _reference_boxes(cascade: dict, gray_image: Image.Image) -> list[tuple[float
         for y in range(0, size[1] - window_height + 1, step):
             for x in range(0, size[0] - window_width + 1, step):
                 if _reference_window_passes(cascade, integral, x, y):
-                    boxes.append((x * factor, y * factor, window_width * factor, window_height * factor))
+                    boxes.append(
+                        (x * factor, y * factor, window_width * factor, window_height * factor)
+                    )
         factor *= person.SCALE_STEP
     return boxes
 
@@ -275,9 +287,14 @@ def _reference_groups(boxes: list[tuple[float, ...]]) -> list[tuple[np.ndarray, 
         for j in range(i + 1, len(boxes)):
             b = boxes[j]
             delta = person.GROUPING_EPS * (min(a[2], b[2]) + min(a[3], b[3])) * 0.5
-            if all(abs(p - q) <= delta for p, q in zip(
-                (a[0], a[1], a[0] + a[2], a[1] + a[3]), (b[0], b[1], b[0] + b[2], b[1] + b[3])
-            )):
+            if all(
+                abs(p - q) <= delta
+                for p, q in zip(
+                    (a[0], a[1], a[0] + a[2], a[1] + a[3]),
+                    (b[0], b[1], b[0] + b[2], b[1] + b[3]),
+                    strict=True,
+                )
+            ):
                 parent[find(i)] = find(j)
     groups: dict[int, list[int]] = {}
     for i in range(len(boxes)):
@@ -328,8 +345,10 @@ def test_detect_faces_box_matches_reference():
 
 def test_group_rectangles_joins_chains():
     # a and c are too far apart to match, but both match b, so all three form one group.
-    rects = np.array([[0, 0, 100, 100], [15, 0, 100, 100], [30, 0, 100, 100], [300, 300, 50, 50]],
-                     dtype=np.float64)
+    rects = np.array(
+        [[0, 0, 100, 100], [15, 0, 100, 100], [30, 0, 100, 100], [300, 300, 50, 50]],
+        dtype=np.float64,
+    )
     groups = person._group_rectangles(rects)
     assert len(groups) == 1
     mean, neighbours = groups[0]

@@ -27,10 +27,10 @@ from typing import Any
 
 __all__ = [
     "FUNCTIONS",
-    "LocalFunction",
     "LambdaDispatcher",
-    "install_dispatch",
+    "LocalFunction",
     "function_arn",
+    "install_dispatch",
 ]
 
 ACCOUNT = "123456789012"
@@ -162,7 +162,7 @@ class _InProcessLambdaClient:
     def __init__(self, dispatcher: LambdaDispatcher) -> None:
         self._dispatcher = dispatcher
 
-    def invoke(self, FunctionName: str, Payload: Any = None, **_: Any) -> dict[str, Any]:  # noqa: N803
+    def invoke(self, FunctionName: str, Payload: Any = None, **_: Any) -> dict[str, Any]:
         return self._dispatcher.invoke(FunctionName, Payload)
 
 

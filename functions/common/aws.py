@@ -10,8 +10,10 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError as BotoConnectionError,
     ReadTimeoutError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
 )
 
 from functions.common.errors import (
@@ -23,7 +25,7 @@ from functions.common.errors import (
     UpstreamTimeoutError,
 )
 
-__all__ = ["client", "translate_aws_error", "reset_clients"]
+__all__ = ["client", "reset_clients", "translate_aws_error"]
 
 _THROTTLING_CODES = frozenset(
     {
@@ -41,7 +43,9 @@ _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404", "N
 
 # The state machine owns retrying, with backoff and a visible history, so the SDK makes a single
 # attempt per call in addition to its own standard-mode retry of connection resets.
-_CLIENT_CONFIG = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+_CLIENT_CONFIG = Config(
+    retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30
+)
 
 
 @functools.cache

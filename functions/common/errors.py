@@ -8,20 +8,20 @@ means changing `workflow/pipeline.asl.json` too.
 from __future__ import annotations
 
 __all__ = [
-    "PipelineError",
-    "TransientError",
-    "ThrottlingError",
-    "ServiceUnavailableError",
-    "UpstreamTimeoutError",
-    "PermanentError",
-    "InvalidEventError",
-    "InvalidKeyError",
-    "SourceNotFoundError",
-    "UnsupportedImageError",
+    "TRANSIENT_ERROR_NAMES",
+    "ConfigurationError",
     "CorruptImageError",
     "ImageTooLargeError",
-    "ConfigurationError",
-    "TRANSIENT_ERROR_NAMES",
+    "InvalidEventError",
+    "InvalidKeyError",
+    "PermanentError",
+    "PipelineError",
+    "ServiceUnavailableError",
+    "SourceNotFoundError",
+    "ThrottlingError",
+    "TransientError",
+    "UnsupportedImageError",
+    "UpstreamTimeoutError",
 ]
 
 

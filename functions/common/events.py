@@ -14,7 +14,7 @@ from urllib.parse import quote_plus, unquote_plus
 
 from functions.common.errors import InvalidEventError
 
-__all__ = ["SourceObject", "parse_event", "encode_key"]
+__all__ = ["SourceObject", "encode_key", "parse_event"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,9 @@ def _parse_eventbridge(event: dict[str, Any]) -> SourceObject:
 def _parse_record(record: dict[str, Any]) -> SourceObject:
     event_name = record.get("eventName", "")
     if event_name and not str(event_name).startswith("ObjectCreated:"):
-        raise InvalidEventError(f"S3 record eventName is {event_name!r}, expected 'ObjectCreated:*'")
+        raise InvalidEventError(
+            f"S3 record eventName is {event_name!r}, expected 'ObjectCreated:*'"
+        )
 
     s3 = _require(record, ("s3",), "Records[0].s3")
     bucket = _require(s3, ("bucket", "name"), "Records[0].s3.bucket.name")

@@ -12,8 +12,8 @@ from functions.common.errors import CorruptImageError, ImageTooLargeError, Unsup
 __all__ = [
     "SUPPORTED_FORMATS",
     "ImageLimits",
-    "open_image",
     "load_pixels",
+    "open_image",
     "register_heif",
 ]
 
@@ -77,7 +77,9 @@ def open_image(data: bytes, key: str, limits: ImageLimits) -> Image.Image:
             f"({_SUPPORTED_LIST})"
         ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise CorruptImageError(f"cannot read '{key}': the image header is damaged ({exc})") from exc
+        raise CorruptImageError(
+            f"cannot read '{key}': the image header is damaged ({exc})"
+        ) from exc
 
     if image.format not in SUPPORTED_FORMATS:
         raise UnsupportedImageError(

@@ -12,15 +12,15 @@ import re
 from functions.common.events import SourceObject
 
 __all__ = [
+    "FAILURE_PREFIX",
     "S3_MAX_KEY_BYTES",
     "STAGING_PREFIX",
-    "FAILURE_PREFIX",
+    "execution_name",
+    "failure_key",
+    "is_pipeline_key",
     "output_key",
     "sidecar_key",
     "staging_key",
-    "failure_key",
-    "execution_name",
-    "is_pipeline_key",
 ]
 
 S3_MAX_KEY_BYTES = 1024

@@ -16,7 +16,10 @@ def headline_names(labels: list[dict[str, Any]], count: int) -> list[str]:
     ("Rocket" under "Aircraft" under "Vehicle") and comes first. Ties keep the confidence order.
     """
     parents = {
-        str(parent["Name"]) for label in labels for parent in label.get("Parents", []) if "Name" in parent
+        str(parent["Name"])
+        for label in labels
+        for parent in label.get("Parents", [])
+        if "Name" in parent
     }
     ranked = sorted(labels, key=lambda label: -float(label.get("Confidence", 0.0)))
     specific = [str(label["Name"]) for label in ranked if str(label["Name"]) not in parents]

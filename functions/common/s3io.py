@@ -8,10 +8,12 @@ from functions.common.aws import client, translate_aws_error
 from functions.common.errors import ConfigurationError, ImageTooLargeError
 from functions.common.events import SourceObject
 
-__all__ = ["read_source", "put_object", "check_buckets_differ"]
+__all__ = ["check_buckets_differ", "put_object", "read_source"]
 
 
-def read_source(source: SourceObject, *, max_bytes: int, s3: Any = None) -> tuple[bytes, SourceObject]:
+def read_source(
+    source: SourceObject, *, max_bytes: int, s3: Any = None
+) -> tuple[bytes, SourceObject]:
     """Return the source object's bytes and the source with the size and ETag actually read.
 
     When SOURCE carries an ETag, the read is conditional on it, so every stage of one run sees the

@@ -6,7 +6,7 @@ import os
 
 from functions.common.errors import ConfigurationError
 
-__all__ = ["env_str", "env_int", "env_float", "env_bool", "env_list"]
+__all__ = ["env_bool", "env_float", "env_int", "env_list", "env_str"]
 
 
 def env_str(name: str, default: str) -> str:

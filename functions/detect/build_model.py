@@ -271,7 +271,8 @@ def build_onnx_model(weights: dict[str, np.ndarray]) -> Any:
     g.constant("relu6.max", np.array(6.0, dtype=np.float32))
     g.constant("input.mean", np.array(INPUT_MEAN, dtype=np.float32).reshape(1, 3, 1, 1))
     g.constant(
-        "input.inv_std", (1.0 / np.array(INPUT_STD, dtype=np.float64)).astype(np.float32).reshape(1, 3, 1, 1)
+        "input.inv_std",
+        (1.0 / np.array(INPUT_STD, dtype=np.float64)).astype(np.float32).reshape(1, 3, 1, 1),
     )
 
     # Preprocessing lives in the graph so callers feed decoded RGB pixels as they are.
@@ -290,16 +291,28 @@ def build_onnx_model(weights: dict[str, np.ndarray]) -> Any:
         if f"{prefix}._expand_conv.weight" in weights:
             in_channels = weights[f"{prefix}._expand_conv.weight"].shape[1]
             x = g.conv_bn(
-                weights, x, f"{prefix}._expand_conv", f"{prefix}._bn0",
-                stride=1, relu6=True,
+                weights,
+                x,
+                f"{prefix}._expand_conv",
+                f"{prefix}._bn0",
+                stride=1,
+                relu6=True,
             )
         x = g.conv_bn(
-            weights, x, f"{prefix}._depthwise_conv", f"{prefix}._bn1",
-            stride=stride, relu6=True,
+            weights,
+            x,
+            f"{prefix}._depthwise_conv",
+            f"{prefix}._bn1",
+            stride=stride,
+            relu6=True,
         )
         x = g.conv_bn(
-            weights, x, f"{prefix}._project_conv", f"{prefix}._bn2",
-            stride=1, relu6=False,
+            weights,
+            x,
+            f"{prefix}._project_conv",
+            f"{prefix}._bn2",
+            stride=1,
+            relu6=False,
         )
         out_channels = weights[f"{prefix}._project_conv.weight"].shape[0]
         if stride == 1 and in_channels == out_channels:
@@ -317,7 +330,11 @@ def build_onnx_model(weights: dict[str, np.ndarray]) -> Any:
     graph = helper.make_graph(
         g.nodes,
         "efficientnet_lite0",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", INPUT_SIZE, INPUT_SIZE, 3])],
+        [
+            helper.make_tensor_value_info(
+                "image", TensorProto.UINT8, ["N", INPUT_SIZE, INPUT_SIZE, 3]
+            )
+        ],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", class_count])],
         g.initializers,
     )

@@ -13,7 +13,7 @@ from functions.common.s3io import read_source
 from functions.detect.label_shape import trim_labels
 from functions.detect.settings import DetectSettings, load_settings
 
-__all__ = ["handler", "detect"]
+__all__ = ["detect", "handler"]
 
 
 @metrics.log_metrics
@@ -21,7 +21,9 @@ __all__ = ["handler", "detect"]
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Return the labels and the exact source read, for the state machine's next states."""
     source = parse_event(event.get("event", event))
-    with timed_stage("Detect", bucket=source.bucket, key=source.key, execution=event.get("execution")):
+    with timed_stage(
+        "Detect", bucket=source.bucket, key=source.key, execution=event.get("execution")
+    ):
         return detect(source, load_settings())
 
 
@@ -56,8 +58,8 @@ def _backend_labels(
             read_from_s3=settings.rekognition_source == "s3",
         )
 
-    from functions.detect import local_model
     from functions.common.imaging import load_pixels
+    from functions.detect import local_model
 
     local_model.draft_for_model(image)
     load_pixels(image, source.key)

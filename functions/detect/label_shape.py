@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["trim_labels", "label_names"]
+__all__ = ["label_names", "trim_labels"]
 
 _MAX_INSTANCES = 10
 

@@ -107,7 +107,12 @@ def _load_detector() -> _Detector:
     names, matrix, parents, categories = _load_label_table()
     class_index, label_index = np.nonzero(matrix)
     return _Detector(
-        session, person.load_cascade(cascade_path), names, class_index, label_index, parents,
+        session,
+        person.load_cascade(cascade_path),
+        names,
+        class_index,
+        label_index,
+        parents,
         categories,
     )
 

@@ -179,8 +179,10 @@ def _build_pyramid(gray_image: Image.Image, cascade: FaceCascade) -> _Pyramid | 
     bases, boxes = [], []
     left = 0
     for factor, level_width, level_height in levels:
-        level = gray_image if factor == 1.0 else gray_image.resize(
-            (level_width, level_height), Image.Resampling.BILINEAR
+        level = (
+            gray_image
+            if factor == 1.0
+            else gray_image.resize((level_width, level_height), Image.Resampling.BILINEAR)
         )
         strip[:level_height, left : left + level_width] = np.asarray(level)
         # OpenCV's detectMultiScale steps 2 px on levels below a factor of 2 and 1 px above.

@@ -29,7 +29,7 @@ def fits_rekognition(image: Image.Image, size_bytes: int) -> bool:
     return (
         image.format in {"JPEG", "PNG"}
         and size_bytes <= S3_MAX_BYTES
-        and MIN_SIDE <= min(width, height)
+        and min(width, height) >= MIN_SIDE
         and max(width, height) <= MAX_SIDE
     )
 
@@ -38,7 +38,11 @@ def fitted_jpeg(image: Image.Image) -> bytes:
     """Return an upright JPEG copy of IMAGE with each side within Rekognition's limits."""
     copy = ImageOps.exif_transpose(image.copy()) or image
     if copy.mode not in {"RGB", "L"}:
-        copy = copy.convert("RGBA").convert("RGB") if "A" in copy.mode or copy.mode == "P" else copy.convert("RGB")
+        copy = (
+            copy.convert("RGBA").convert("RGB")
+            if "A" in copy.mode or copy.mode == "P"
+            else copy.convert("RGB")
+        )
     copy.thumbnail((FITTED_LONG_SIDE, FITTED_LONG_SIDE), Image.Resampling.BILINEAR)
     if min(copy.size) < MIN_SIDE:
         scale = MIN_SIDE / min(copy.size)
@@ -49,7 +53,9 @@ def fitted_jpeg(image: Image.Image) -> bytes:
         # Only a strip thinner than 1:125 gets here; Rekognition sees its middle part.
         left = (copy.width - min(copy.width, MAX_SIDE)) // 2
         top = (copy.height - min(copy.height, MAX_SIDE)) // 2
-        copy = copy.crop((left, top, left + min(copy.width, MAX_SIDE), top + min(copy.height, MAX_SIDE)))
+        copy = copy.crop(
+            (left, top, left + min(copy.width, MAX_SIDE), top + min(copy.height, MAX_SIDE))
+        )
     buffer = io.BytesIO()
     copy.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()

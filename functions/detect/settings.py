@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functions.common.errors import ConfigurationError
 from functions.common.settings import env_float, env_int, env_list, env_str
 
-__all__ = ["DetectSettings", "load_settings", "BACKENDS"]
+__all__ = ["BACKENDS", "DetectSettings", "load_settings"]
 
 BACKENDS = ("rekognition", "local")
 
@@ -39,7 +39,9 @@ def load_settings() -> DetectSettings:
     """Return the settings from the environment, with the documented defaults."""
     backend = env_str("DETECTOR_BACKEND", "rekognition").lower()
     if backend not in BACKENDS:
-        raise ConfigurationError(f"DETECTOR_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
+        raise ConfigurationError(
+            f"DETECTOR_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}"
+        )
     rekognition_source = env_str("REKOGNITION_IMAGE_SOURCE", "s3").lower()
     if rekognition_source not in {"s3", "bytes"}:
         raise ConfigurationError(

@@ -13,7 +13,7 @@ from functions.common.observability import logger, metrics, timed_stage
 from functions.common.s3io import check_buckets_differ, put_object
 from functions.store.settings import StoreSettings, load_settings
 
-__all__ = ["handler", "store", "labels_metadata"]
+__all__ = ["handler", "labels_metadata", "store"]
 
 # S3 user metadata is limited to 2 KB in all, so the object carries a short label list and the
 # sidecar carries the full labels.
@@ -25,7 +25,9 @@ _METADATA_LABELS_MAX = 1024
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Return the published image and sidecar keys."""
     source = SourceObject.from_dict(event["source"])
-    with timed_stage("Store", bucket=source.bucket, key=source.key, execution=event.get("execution")):
+    with timed_stage(
+        "Store", bucket=source.bucket, key=source.key, execution=event.get("execution")
+    ):
         return store(source, list(event.get("labels") or []), event["staged"], load_settings())
 
 
@@ -84,12 +86,16 @@ def store(
             Metadata=metadata,
         )
     except Exception as exc:
-        raise translate_aws_error(exc, f"publishing s3://{settings.processed_bucket}/{image_key}") from exc
+        raise translate_aws_error(
+            exc, f"publishing s3://{settings.processed_bucket}/{image_key}"
+        ) from exc
 
     sidecar = {
         "source": source.to_dict(),
         "output": {"bucket": settings.processed_bucket, "key": image_key},
-        "image": {name: staged.get(name) for name in ("format", "width", "height", "frames", "text")},
+        "image": {
+            name: staged.get(name) for name in ("format", "width", "height", "frames", "text")
+        },
         "labels": labels,
     }
     put_object(

@@ -22,11 +22,15 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Return where the watermarked image was staged."""
     source = SourceObject.from_dict(event["source"])
     labels = list(event.get("labels") or [])
-    with timed_stage("Watermark", bucket=source.bucket, key=source.key, execution=event.get("execution")):
+    with timed_stage(
+        "Watermark", bucket=source.bucket, key=source.key, execution=event.get("execution")
+    ):
         return watermark(source, labels, load_settings())
 
 
-def watermark(source: SourceObject, labels: list[dict[str, Any]], settings: WatermarkSettings) -> dict[str, Any]:
+def watermark(
+    source: SourceObject, labels: list[dict[str, Any]], settings: WatermarkSettings
+) -> dict[str, Any]:
     """Draw LABELS on SOURCE and write it to its staging key in the processed bucket."""
     check_buckets_differ(source.bucket, settings.processed_bucket)
     data, source = read_source(source, max_bytes=settings.max_bytes)

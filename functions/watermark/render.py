@@ -18,9 +18,9 @@ from functions.common.errors import ImageTooLargeError
 __all__ = [
     "RenderOptions",
     "RenderedImage",
-    "watermark_text",
     "draw_band",
     "render",
+    "watermark_text",
 ]
 
 # Under this many pixels on the short side, text at the minimum font size would not be readable,
@@ -34,20 +34,48 @@ BAND_OPACITY = 0.55  # how far the band darkens the pixels under it, 0 to 1
 _GPS_IFD = 0x8825
 _EXIF_IFD = 0x8769
 _PRIVATE_IFD0_TAGS = (0x010F, 0x0110, 0x013B, 0xC62F)  # Make, Model, Artist, CameraSerialNumber
-_PRIVATE_EXIF_TAGS = (0x927C, 0xA430, 0xA431, 0xA433, 0xA434, 0xA435)  # MakerNote, owner, serials, lens
+_PRIVATE_EXIF_TAGS = (
+    0x927C,
+    0xA430,
+    0xA431,
+    0xA433,
+    0xA434,
+    0xA435,
+)  # MakerNote, owner, serials, lens
 
 # Tags a TIFF's first IFD may carry about the picture rather than its encoding: description,
 # Make, Model, Orientation, Software, DateTime, Artist, Copyright.
 _TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0112, 0x0131, 0x0132, 0x013B, 0x8298)
 
 _BLACK = {"RGB": (0, 0, 0), "RGBA": (0, 0, 0, 255), "L": 0, "LA": (0, 255), "CMYK": (0, 0, 0, 255)}
-_WHITE = {"RGB": (255, 255, 255), "RGBA": (255, 255, 255, 255), "L": 255, "LA": (255, 255), "CMYK": (0, 0, 0, 0)}
+_WHITE = {
+    "RGB": (255, 255, 255),
+    "RGBA": (255, 255, 255, 255),
+    "L": 255,
+    "LA": (255, 255),
+    "CMYK": (0, 0, 0, 0),
+}
 
 # Output format for each input format; MPO (a JPEG with extra frames from some cameras) becomes JPEG.
-_OUTPUT_FORMAT = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "GIF": "GIF",
-                  "TIFF": "TIFF", "BMP": "BMP", "HEIF": "HEIF"}
-CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
-                 "TIFF": "image/tiff", "BMP": "image/bmp", "HEIF": "image/heic"}
+_OUTPUT_FORMAT = {
+    "JPEG": "JPEG",
+    "MPO": "JPEG",
+    "PNG": "PNG",
+    "WEBP": "WEBP",
+    "GIF": "GIF",
+    "TIFF": "TIFF",
+    "BMP": "BMP",
+    "HEIF": "HEIF",
+}
+CONTENT_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "TIFF": "image/tiff",
+    "BMP": "image/bmp",
+    "HEIF": "image/heic",
+}
 
 
 @dataclass(frozen=True)
@@ -103,7 +131,9 @@ def render(image: Image.Image, text: str, options: RenderOptions) -> RenderedIma
         frames = [_watermark_frame(image, text)]
     # Read only now: the frames are turned upright first, and that needs the orientation tag
     # that _public_exif removes from the shared Exif object.
-    exif = _public_exif(image, keep_private=options.keep_private_metadata, tiff=output_format == "TIFF")
+    exif = _public_exif(
+        image, keep_private=options.keep_private_metadata, tiff=output_format == "TIFF"
+    )
 
     first = frames[0]
     save_args = _save_arguments(image, first, output_format, options, icc_profile, exif)
@@ -147,7 +177,9 @@ def draw_band(image: Image.Image, text: str) -> Image.Image:
 
 def _watermark_frame(frame: Image.Image, text: str) -> Image.Image:
     frame = _drawable(frame)
-    transposed = ImageOps.exif_transpose(frame, in_place=False) if _needs_transpose(frame) else frame
+    transposed = (
+        ImageOps.exif_transpose(frame, in_place=False) if _needs_transpose(frame) else frame
+    )
     assert transposed is not None
     if min(transposed.size) < MIN_SHORT_SIDE:
         scale = math.ceil(MIN_SHORT_SIDE / min(transposed.size))
