@@ -179,7 +179,9 @@ def cloud_event_records(events: list[dict[str, Any]]) -> list[EventRecord]:
     records: list[EventRecord] = []
     current: str | None = None
     for event in events:
-        details = next((value for key, value in event.items() if key.endswith("EventDetails")), {})
+        details: dict[str, Any] = next(
+            (value for key, value in event.items() if key.endswith("EventDetails")), {}
+        )
         kind = event["type"]
         if kind.endswith("StateEntered"):
             current = details.get("name")

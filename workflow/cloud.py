@@ -233,7 +233,7 @@ def _start_again(sfn: Any, plan: CloudReplay) -> str:
         name = plan.name[: _NAME_MAX - len(suffix)] + suffix
         try:
             response = with_backoff(
-                lambda name=name: sfn.start_execution(
+                lambda name=name: sfn.start_execution(  # type: ignore[misc]
                     stateMachineArn=description["stateMachineArn"],
                     name=name,
                     input=description.get("input") or "{}",

@@ -102,7 +102,7 @@ class LambdaDispatcher:
         try:
             result = self._run_with_timeout(stage, function, event)
         except _Timeout:
-            error = {
+            error: dict[str, Any] = {
                 "errorType": "Sandbox.Timedout",
                 "errorMessage": f"Task timed out after {function.timeout_seconds:.2f} seconds",
             }

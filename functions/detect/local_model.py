@@ -16,6 +16,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, JpegImagePlugin
@@ -228,7 +229,7 @@ def detect_labels(
 
     # Labels under the threshold are dropped anyway, and ranking all 700 costs far more time.
     confident_scores = {name: score for name, score in scores.items() if score >= min_confidence}
-    labels = []
+    labels: list[dict[str, Any]] = []
     for name in _rank_specific_first(confident_scores, detector.parents):
         confidence = confident_scores[name]
         if len(labels) >= max_labels:

@@ -47,8 +47,8 @@ _PRIVATE_EXIF_TAGS = (
 # Make, Model, Orientation, Software, DateTime, Artist, Copyright.
 _TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0112, 0x0131, 0x0132, 0x013B, 0x8298)
 
-_BLACK = {"RGB": (0, 0, 0), "RGBA": (0, 0, 0, 255), "L": 0, "LA": (0, 255), "CMYK": (0, 0, 0, 255)}
-_WHITE = {
+_BLACK: dict[str, int | tuple[int, ...]] = {"RGB": (0, 0, 0), "RGBA": (0, 0, 0, 255), "L": 0, "LA": (0, 255), "CMYK": (0, 0, 0, 255)}
+_WHITE: dict[str, int | tuple[int, ...]] = {
     "RGB": (255, 255, 255),
     "RGBA": (255, 255, 255, 255),
     "L": 255,
