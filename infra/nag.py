@@ -10,7 +10,7 @@ from __future__ import annotations
 from aws_cdk import Acknowledgment, CfnElement, Stack, Validations
 from constructs import IConstruct
 
-from infra.settings import FAILURE_PREFIX, STAGING_PREFIX
+from infra.settings import BACKFILL_PREFIX, FAILURE_PREFIX, STAGING_PREFIX
 from infra.stack import LabelmarkStack
 
 __all__ = ["suppress_reviewed_findings"]
@@ -27,6 +27,7 @@ _S3_WRITE_REASON = (
     "s3:DeleteObject* groups on one key prefix of the processed bucket. Keys under the prefix "
     "are derived from each upload, so the grant cannot name single keys."
 )
+_EXECUTIONS = "arn:<AWS::Partition>:states:<AWS::Region>:<AWS::AccountId>:execution:"
 _XRAY_REASON = (
     "Active X-Ray tracing needs xray:PutTraceSegments and xray:PutTelemetryRecords, which "
     "support no resource-level permissions, so their resource is '*'."
@@ -37,19 +38,14 @@ def suppress_reviewed_findings(stack: LabelmarkStack) -> None:
     """Acknowledge the AwsSolutions findings that were reviewed and accepted for STACK."""
     _acknowledge_functions(stack)
     _acknowledge_state_machine(stack)
+    _acknowledge_backfill(stack)
+    _acknowledge_operator_policy(stack)
 
     _acknowledge(
         stack.dead_letter_queue,
         "AwsSolutions-SQS3",
         "This queue is the trigger rule's dead-letter queue. Nothing consumes it "
         "automatically, and its alarm reports every message, so it needs no queue of its own.",
-    )
-    _acknowledge(
-        stack.operator_policy,
-        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:states:<AWS::Region>:"
-        f"<AWS::AccountId>:execution:<{_logical_id(stack, stack.state_machine)}.Name>:*]",
-        "Operators redrive and inspect executions of this one state machine, whose "
-        "execution names are generated per upload, so the ARN ends in a wildcard.",
     )
 
 
@@ -114,6 +110,64 @@ def _acknowledge_state_machine(stack: LabelmarkStack) -> None:
         f"AwsSolutions-IAM5[Resource::<{processed}.Arn>/{FAILURE_PREFIX}*]",
         "The RecordFailure state writes one record per failed execution under this prefix, "
         "named after the execution.",
+    )
+
+
+def _acknowledge_backfill(stack: LabelmarkStack) -> None:
+    backfill = stack.backfill
+    role = backfill.state_machine.role
+    pipeline = _logical_id(stack, stack.state_machine)
+    own = _logical_id(stack, backfill.state_machine)
+    processed = _logical_id(stack, stack.processed_bucket)
+
+    _acknowledge(
+        role,
+        "AwsSolutions-IAM5[Resource::*]",
+        "X-Ray tracing and log delivery to CloudWatch Logs need actions that support no "
+        "resource-level permissions, so their resource is '*'.",
+    )
+    _acknowledge(
+        role,
+        f"AwsSolutions-IAM5[Resource::{_EXECUTIONS}<{pipeline}.Name>:*]",
+        "A states:startExecution.sync task must describe and stop the pipeline execution it "
+        "started, whose name Step Functions generates, so the ARN ends in a wildcard. This is "
+        "the policy AWS documents for the .sync integration.",
+    )
+    _acknowledge(
+        role,
+        f"AwsSolutions-IAM5[Resource::<{processed}.Arn>/{BACKFILL_PREFIX}*]",
+        "The Distributed Map's ResultWriter writes a manifest and result files under this "
+        "prefix, in a folder named after each Map Run.",
+    )
+    own_executions = [f"{_EXECUTIONS}<{own}.Name>:*"]
+    own_executions += [f"{_EXECUTIONS}<{own}.Name>/{label}:*" for label in backfill.map_labels]
+    for resource in own_executions:
+        _acknowledge(
+            backfill.child_executions_policy,
+            f"AwsSolutions-IAM5[Resource::{resource}]",
+            "A Distributed Map runs each item as a child execution of its own state machine, "
+            "with a generated name, and must describe and stop those executions.",
+        )
+
+
+def _acknowledge_operator_policy(stack: LabelmarkStack) -> None:
+    reason = (
+        "Operators inspect and redrive executions of this one state machine, whose execution "
+        "names are generated, so the ARN ends in a wildcard."
+    )
+    # An EXPRESS pipeline gets no execution-level statement, so it has no such finding.
+    if stack.settings.workflow_type == "STANDARD":
+        pipeline = _logical_id(stack, stack.state_machine)
+        _acknowledge(
+            stack.operator_policy,
+            f"AwsSolutions-IAM5[Resource::{_EXECUTIONS}<{pipeline}.Name>:*]",
+            reason,
+        )
+    backfill = _logical_id(stack, stack.backfill_state_machine)
+    _acknowledge(
+        stack.operator_policy,
+        f"AwsSolutions-IAM5[Resource::{_EXECUTIONS}<{backfill}.Name>:*]",
+        reason,
     )
 
 

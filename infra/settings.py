@@ -14,8 +14,8 @@ setting has a default, so a bare `cdk synth` produces a deployable stack.
 | excludedLabels             | (empty)        | EXCLUDED_LABELS, comma-separated label names       |
 | maxPixels                  | 100000000      | MAX_PIXELS, largest decoded image accepted         |
 | logLevel                   | INFO           | LOG_LEVEL of the functions                         |
-| workflowType               | STANDARD       | STANDARD or EXPRESS state machine                  |
-| workflowLogLevel           | ALL            | ERROR, ALL, FATAL or OFF for the state machine log |
+| workflowType               | STANDARD       | STANDARD or EXPRESS pipeline state machine         |
+| workflowLogLevel           | ALL            | ALL, ERROR, FATAL or OFF; EXPRESS requires ALL     |
 | workflowLogExecutionData   | false          | whether the state machine log includes inputs      |
 | detectReservedConcurrency  | 10             | reserved concurrency of detect; "none" to unset    |
 | alarmEmail                 | (none)         | address subscribed to the alarm topic              |
@@ -31,6 +31,7 @@ from typing import Any
 from constructs import Node
 
 __all__ = [
+    "BACKFILL_PREFIX",
     "DETECTOR_BACKENDS",
     "FAILURE_PREFIX",
     "STAGING_PREFIX",
@@ -40,10 +41,12 @@ __all__ = [
     "StackSettings",
 ]
 
-# The functions and the workflow file use these prefixes in the processed bucket. They are
-# fixed, because functions/common/keys.py and workflow/pipeline.asl.json spell them out.
+# The functions and the workflow files use these prefixes in the processed bucket. They are
+# fixed, because functions/common/keys.py, workflow/pipeline.asl.json and
+# workflow/backfill.asl.json spell them out.
 STAGING_PREFIX = "labelmark-staging/"
 FAILURE_PREFIX = "labelmark-failures/"
+BACKFILL_PREFIX = "labelmark-backfill/"
 
 DETECTOR_BACKENDS = ("rekognition", "local")
 WORKFLOW_TYPES = ("STANDARD", "EXPRESS")
@@ -164,6 +167,14 @@ class StackSettings:
                 f"workflowLogLevel {self.workflow_log_level!r} is invalid: "
                 f"use one of {', '.join(WORKFLOW_LOG_LEVELS)}."
             )
+        # An EXPRESS execution has no history in Step Functions, only what it writes to the
+        # log group, and a lower level leaves successful runs or all runs unrecorded.
+        if self.workflow_type == "EXPRESS" and self.workflow_log_level != "ALL":
+            raise SettingsError(
+                f"workflowLogLevel {self.workflow_log_level!r} with workflowType 'EXPRESS' "
+                "would leave executions without a history, because EXPRESS executions keep "
+                "theirs only in the log group. Use workflowLogLevel=ALL."
+            )
         if self.log_level not in FUNCTION_LOG_LEVELS:
             raise SettingsError(
                 f"logLevel {self.log_level!r} is invalid: "
@@ -228,9 +239,10 @@ class StackSettings:
                 "Remove those characters."
             )
         # Published images under the staging prefix would expire after a day and be
-        # deletable by the store function, and under the failure prefix they would mix
-        # with failure records.
-        for reserved in (STAGING_PREFIX, FAILURE_PREFIX):
+        # deletable by the store function. Under the failure prefix they would mix with
+        # failure records, and under the backfill prefix the backfill's results could
+        # overwrite them.
+        for reserved in (STAGING_PREFIX, FAILURE_PREFIX, BACKFILL_PREFIX):
             if prefix.startswith(reserved) or reserved.startswith(prefix):
                 raise SettingsError(
                     f"outputPrefix {prefix!r} overlaps the pipeline's own prefix "

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 from aws_cdk import (
-    Aws,
     CfnOutput,
     Duration,
     RemovalPolicy,
@@ -28,6 +26,7 @@ from aws_cdk import aws_sqs as sqs
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
+from infra.backfill import BackfillStateMachine, execution_arn
 from infra.bundling import (
     FUNCTION_DEPENDENCIES,
     LOCAL_BACKEND_DEPENDENCIES,
@@ -36,18 +35,11 @@ from infra.bundling import (
     FunctionBundler,
     function_code,
 )
+from infra.definitions import WORKFLOW_FILE, WORKFLOW_PLACEHOLDERS, definition_body
 from infra.settings import FAILURE_PREFIX, STAGING_PREFIX, StackSettings
 
 __all__ = ["FUNCTION_SIZING", "WORKFLOW_FILE", "WORKFLOW_PLACEHOLDERS", "LabelmarkStack"]
 
-WORKFLOW_FILE = REPO_ROOT / "workflow" / "pipeline.asl.json"
-WORKFLOW_PLACEHOLDERS = (
-    "DetectFunctionArn",
-    "WatermarkFunctionArn",
-    "StoreFunctionArn",
-    "ProcessedBucket",
-    "OutputPrefix",
-)
 DETECT_MODEL_DIR = REPO_ROOT / "functions" / "detect" / "model"
 
 
@@ -59,13 +51,43 @@ class FunctionSizing:
     timeout_seconds: int
 
 
-# Memory and timeout of each function. The figures come from bench/RESULTS.md, which records
-# the benchmark runs behind them.
-# NOTE: these are initial estimates. Replace them when bench/RESULTS.md has measurements.
+# Memory and timeout of each function, sized from bench/RESULTS.md. Those figures come from a
+# 2-core x86_64 machine with Python 3.11, and Lambda runs Python 3.12 on arm64, so they guide the
+# sizes but do not measure the deployed functions.
+#
+# Lambda gives a function CPU in proportion to its memory, one full vCPU at 1,769 MB. Up to
+# that size, a CPU-bound invocation costs about the same (price is memory times duration) and
+# ends sooner. Above it, single-threaded work gains nothing.
+#
+# - watermark, 1,769 MB: rendering an 8 to 12 MP photo took 94 ms per image on one core and
+#   peaked 107 MiB above the process's size after imports (147 MiB resident in all). Pillow
+#   decodes, draws and encodes on one thread, so one vCPU is the fastest size at about the same
+#   cost per image as a smaller one.
+# - detect, 1,024 MB: the local model labelled a 12 MP JPEG in 53 ms (median, 82 ms slowest) on
+#   2 cores and started cold in 240 ms. With Rekognition, the function mostly waits for the API,
+#   so more CPU buys little. Decoding and encoding alone peaked at 53 MiB for the same photos.
+# - store, 256 MB: it copies objects within S3 and started cold in 39 ms.
+#
+# NOTE: the benchmark photos are 8 to 12 MP, but MAX_PIXELS accepts up to 100 MP. Scaled
+# linearly from the 8 MP end, a 100 MP photo would need about 1.4 GB in watermark (14 bytes per
+# pixel) and 0.7 GB to decode in detect (7 bytes per pixel), plus the object's bytes (up to
+# 200 MiB). These are estimates, not measurements. A function that runs out of memory fails
+# its execution with a failure record.
+#
+# Timeouts: the pipeline retries Sandbox.Timedout and States.Timeout 3 times, after waits of up
+# to 1, 2 and 4 s, so a stage that always times out takes 4 x timeout + 7 s. With timeouts
+# summing to 60 s, the slowest run is 4 x 60 + 3 x 7 s plus the retries of RecordFailure
+# (7 s), 268 s in all, within the 5-minute limit of an EXPRESS execution. Each timeout is still
+# more than 40 times the stage's slowest measured cold start plus one call (detect: 338 ms and
+# 82 ms), which leaves room for the S3 transfers and Rekognition calls that the benchmark does
+# not cover. tests/test_infra.py recomputes the 268 s from workflow/pipeline.asl.json.
+# A stalled S3 or Rekognition call can outlast these timeouts, because the SDK client in
+# functions/common/aws.py waits up to 30 s per read. Lambda then stops the invocation with
+# Sandbox.Timedout, which the pipeline retries like the SDK's own timeout error.
 FUNCTION_SIZING: dict[str, FunctionSizing] = {
-    "detect": FunctionSizing(memory_mb=1024, timeout_seconds=30),
-    "watermark": FunctionSizing(memory_mb=1769, timeout_seconds=60),
-    "store": FunctionSizing(memory_mb=256, timeout_seconds=15),
+    "detect": FunctionSizing(memory_mb=1024, timeout_seconds=20),
+    "watermark": FunctionSizing(memory_mb=1769, timeout_seconds=30),
+    "store": FunctionSizing(memory_mb=256, timeout_seconds=10),
 }
 
 # EventBridge retries a failed StartExecution with backoff. After this age or this many
@@ -97,6 +119,7 @@ class LabelmarkStack(Stack):
         self._create_buckets()
         self._create_functions()
         self._create_state_machine()
+        self._create_backfill()
         self._create_trigger()
         self._create_operator_policy()
         self._create_alarms()
@@ -316,13 +339,14 @@ class LabelmarkStack(Stack):
         # The log level defaults to ALL without execution data: every state transition is
         # logged with its timing, which EXPRESS needs as its only history, but no input or
         # output, because those contain object keys that may be private file names.
+        substitutions = self._workflow_substitutions()
         self.state_machine = sfn.StateMachine(
             self,
             "Workflow",
             comment="labelmark: label, watermark and publish one uploaded image",
             state_machine_type=workflow_type,
-            definition_body=sfn.DefinitionBody.from_string(WORKFLOW_FILE.read_text("utf-8")),
-            definition_substitutions=self._workflow_substitutions(),
+            definition_body=definition_body(WORKFLOW_FILE, substitutions),
+            definition_substitutions=substitutions,
             logs=sfn.LogOptions(
                 destination=self.workflow_log_group,
                 level=sfn.LogLevel[self.settings.workflow_log_level],
@@ -344,22 +368,26 @@ class LabelmarkStack(Stack):
         )
 
     def _workflow_substitutions(self) -> dict[str, str]:
-        substitutions = {
+        return {
             "DetectFunctionArn": self.detect_function.function_arn,
             "WatermarkFunctionArn": self.watermark_function.function_arn,
             "StoreFunctionArn": self.store_function.function_arn,
             "ProcessedBucket": self.processed_bucket.bucket_name,
             "OutputPrefix": self.settings.output_prefix,
         }
-        # A placeholder added to the file without a value here would reach Step Functions as
-        # literal text, so the two lists must agree.
-        found = set(re.findall(r"\$\{([A-Za-z0-9_]+)\}", WORKFLOW_FILE.read_text("utf-8")))
-        if found != set(substitutions):
-            raise ValueError(
-                f"{WORKFLOW_FILE} uses the placeholders {sorted(found)}, but the stack "
-                f"substitutes {sorted(substitutions)}. Make the two lists equal."
-            )
-        return substitutions
+
+    def _create_backfill(self) -> None:
+        self.backfill = BackfillStateMachine(
+            self,
+            "Backfill",
+            settings=self.settings,
+            stack_name=self.stack_name,
+            source_bucket=self.source_bucket,
+            processed_bucket=self.processed_bucket,
+            pipeline=self.state_machine,
+            log_retention=LOG_RETENTION,
+        )
+        self.backfill_state_machine = self.backfill.state_machine
 
     def _create_trigger(self) -> None:
         # The dead-letter queue only receives events, and nothing reads it automatically, so
@@ -392,36 +420,75 @@ class LabelmarkStack(Stack):
         )
 
     def _create_operator_policy(self) -> None:
-        # Redrive works for STANDARD state machines only. Express executions have no
-        # execution ARN of this form.
-        # Built from pseudo parameters rather than format_arn(), which writes a known region
-        # literally, so the ARN reads the same in every synthesis and its reviewed cdk-nag
-        # finding in infra/nag.py keeps matching.
-        executions = (
-            f"arn:{Aws.PARTITION}:states:{Aws.REGION}:{Aws.ACCOUNT_ID}:execution:"
-            f"{self.state_machine.state_machine_name}:*"
-        )
         self.operator_policy = iam.ManagedPolicy(
             self,
             "OperatorPolicy",
-            description="Start, inspect and redrive executions of the labelmark workflow",
+            description="Start and inspect labelmark workflow and backfill executions",
             statements=[
-                iam.PolicyStatement(
-                    sid="StartAndListExecutions",
-                    actions=["states:StartExecution", "states:ListExecutions"],
-                    resources=[self.state_machine.state_machine_arn],
-                ),
-                iam.PolicyStatement(
-                    sid="InspectAndRedriveExecutions",
-                    actions=[
-                        "states:DescribeExecution",
-                        "states:GetExecutionHistory",
-                        "states:RedriveExecution",
-                    ],
-                    resources=[executions],
-                ),
+                *self._pipeline_operator_statements(),
+                *self._backfill_operator_statements(),
             ],
         )
+
+    def _pipeline_operator_statements(self) -> list[iam.PolicyStatement]:
+        pipeline = self.state_machine
+        if self.settings.workflow_type == "EXPRESS":
+            # EXPRESS executions support neither redrive nor GetExecutionHistory, and
+            # DescribeExecution and ListExecutions only inside a Map Run. Their history is
+            # the log group.
+            return [
+                iam.PolicyStatement(
+                    sid="StartExecutions",
+                    actions=["states:StartExecution"],
+                    resources=[pipeline.state_machine_arn],
+                ),
+                iam.PolicyStatement(
+                    sid="ReadExecutionLogs",
+                    actions=[
+                        "logs:DescribeLogStreams",
+                        "logs:FilterLogEvents",
+                        "logs:GetLogEvents",
+                    ],
+                    resources=[self.workflow_log_group.log_group_arn],
+                ),
+            ]
+        return [
+            iam.PolicyStatement(
+                sid="StartAndListExecutions",
+                actions=["states:StartExecution", "states:ListExecutions"],
+                resources=[pipeline.state_machine_arn],
+            ),
+            iam.PolicyStatement(
+                sid="InspectAndRedriveExecutions",
+                actions=[
+                    "states:DescribeExecution",
+                    "states:GetExecutionHistory",
+                    "states:RedriveExecution",
+                ],
+                resources=[execution_arn(pipeline.state_machine_name)],
+            ),
+        ]
+
+    def _backfill_operator_statements(self) -> list[iam.PolicyStatement]:
+        # `labelmark backfill --cloud` starts the backfill. Redriving a failed backfill
+        # execution runs its Map Run's failed children again.
+        backfill = self.backfill_state_machine
+        return [
+            iam.PolicyStatement(
+                sid="StartAndListBackfills",
+                actions=["states:StartExecution", "states:ListExecutions"],
+                resources=[backfill.state_machine_arn],
+            ),
+            iam.PolicyStatement(
+                sid="InspectAndRedriveBackfills",
+                actions=[
+                    "states:DescribeExecution",
+                    "states:GetExecutionHistory",
+                    "states:RedriveExecution",
+                ],
+                resources=[execution_arn(backfill.state_machine_name)],
+            ),
+        ]
 
     # Operations
 
@@ -493,6 +560,12 @@ class LabelmarkStack(Stack):
         CfnOutput(self, "SourceBucketName", value=self.source_bucket.bucket_name)
         CfnOutput(self, "ProcessedBucketName", value=self.processed_bucket.bucket_name)
         CfnOutput(self, "StateMachineArn", value=arn)
+        CfnOutput(
+            self,
+            "BackfillStateMachineArn",
+            value=self.backfill_state_machine.state_machine_arn,
+            description="Pass to `labelmark backfill --cloud --state-machine-arn`",
+        )
         CfnOutput(
             self,
             "ExecutionsConsoleUrl",

@@ -19,8 +19,16 @@ from aws_cdk import aws_iam as iam
 from aws_cdk.assertions import Template
 
 from infra.app import create_app
+from infra.definitions import (
+    BACKFILL_FILE,
+    BACKFILL_PLACEHOLDERS,
+    WORKFLOW_FILE,
+    WORKFLOW_PLACEHOLDERS,
+    DefinitionError,
+    definition_body,
+)
 from infra.settings import SettingsError
-from infra.stack import WORKFLOW_FILE, WORKFLOW_PLACEHOLDERS
+from infra.stack import FUNCTION_SIZING
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +37,30 @@ INFRA_DIR = REPO_ROOT / "infra"
 CDK_CLI = INFRA_DIR / "node_modules" / ".bin" / "cdk"
 
 OFFLINE_CONTEXT = {"labelmark:bundle": "false", "@aws-cdk/core:validationReportJson": True}
+
+# Step Functions ends an EXPRESS execution after 5 minutes.
+EXPRESS_MAX_SECONDS = 300
+EXECUTIONS = "arn:${AWS::Partition}:states:${AWS::Region}:${AWS::AccountId}:execution:"
+SYNC_EVENTS_RULE = (
+    "arn:${AWS::Partition}:events:${AWS::Region}:${AWS::AccountId}:rule/"
+    "StepFunctionsGetEventsForStepFunctionsExecutionRule"
+)
+# What CDK grants a state machine for log delivery and X-Ray. None of these actions supports
+# resource-level permissions.
+LOGS_AND_XRAY_ACTIONS = [
+    "logs:CreateLogDelivery",
+    "logs:DeleteLogDelivery",
+    "logs:DescribeLogGroups",
+    "logs:DescribeResourcePolicies",
+    "logs:GetLogDelivery",
+    "logs:ListLogDeliveries",
+    "logs:PutResourcePolicy",
+    "logs:UpdateLogDelivery",
+    "xray:GetSamplingRules",
+    "xray:GetSamplingTargets",
+    "xray:PutTelemetryRecords",
+    "xray:PutTraceSegments",
+]
 
 # Environment for the CDK CLI: no version check, telemetry or notices, and no AWS SDK lookup of
 # the EC2 instance metadata service, so synthesis sends nothing over the network.
@@ -54,8 +86,9 @@ class Synthesized:
     def properties(self, construct: Any) -> dict[str, Any]:
         return self.resources[self.logical_id(construct)]["Properties"]
 
-    def permissions(self, role: iam.IRole) -> set[tuple[str, str]]:
+    def permissions(self, role: iam.IRole | None) -> set[tuple[str, str]]:
         """Return every (action, resource) pair that the policies attached to ROLE allow."""
+        assert role is not None, "the construct has no IAM role"
         role_id = self.logical_id(role)
         pairs: set[tuple[str, str]] = set()
         for resource in self.resources.values():
@@ -111,6 +144,30 @@ def product(actions: list[str], resources: list[str]) -> set[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def synthesized(tmp_path_factory: pytest.TempPathFactory) -> Synthesized:
     return Synthesized({}, tmp_path_factory.mktemp("cdk-default"))
+
+
+@pytest.fixture(scope="module")
+def express(tmp_path_factory: pytest.TempPathFactory) -> Synthesized:
+    return Synthesized({"workflowType": "EXPRESS"}, tmp_path_factory.mktemp("cdk-express"))
+
+
+def nag_findings(synthesized: Synthesized) -> list[str]:
+    """Synthesize the app and return its unacknowledged cdk-nag findings."""
+    synthesized.app.synth()
+    report = json.loads((synthesized.outdir / "policy-validation-report.json").read_text())
+    return [
+        f"{violation['severity']} {violation['ruleName']} at {resource['constructPath']}"
+        for plugin in report["pluginReports"]
+        for violation in plugin["violations"]
+        for resource in violation["violatingResources"]
+    ]
+
+
+def substitute(text: str, substitutions: dict[str, Any]) -> Any:
+    """Replace each ${Name} in TEXT with its rendered value, as CloudFormation would, and parse."""
+    for name, value in substitutions.items():
+        text = text.replace(f"${{{name}}}", render(value))
+    return json.loads(text)
 
 
 # Trigger
@@ -290,6 +347,12 @@ def test_settings_same_bucket_rejected() -> None:
         ({"sourceBucketName": "Bad_Name"}, r"sourceBucketName 'Bad_Name' is not a valid"),
         ({"detectorBackend": "gpu"}, r"detectorBackend 'gpu' is invalid"),
         ({"workflowType": "FAST"}, r"workflowType 'FAST' is invalid"),
+        # EXPRESS keeps no execution history outside the log group.
+        (
+            {"workflowType": "EXPRESS", "workflowLogLevel": "ERROR"},
+            r"workflowLogLevel 'ERROR' with workflowType 'EXPRESS'.*Use workflowLogLevel=ALL",
+        ),
+        ({"outputPrefix": "labelmark-backfill/x-"}, r"overlaps the pipeline's own prefix"),
         ({"maxLabels": "many"}, r"maxLabels must be a whole number"),
         ({"detectReservedConcurrency": 0}, r"detectReservedConcurrency must be at least 1"),
     ],
@@ -305,9 +368,9 @@ def test_settings_invalid_value_rejected(context: dict[str, Any], message: str) 
 def test_functions_runtime_architecture_tracing(synthesized: Synthesized) -> None:
     stack = synthesized.stack
     expected = {
-        stack.detect_function: ("functions.detect.handler.handler", 1024, 30),
-        stack.watermark_function: ("functions.watermark.handler.handler", 1769, 60),
-        stack.store_function: ("functions.store.handler.handler", 256, 15),
+        stack.detect_function: ("functions.detect.handler.handler", 1024, 20),
+        stack.watermark_function: ("functions.watermark.handler.handler", 1769, 30),
+        stack.store_function: ("functions.store.handler.handler", 256, 10),
     }
     for function, (handler, memory, timeout) in expected.items():
         properties = synthesized.properties(function)
@@ -479,21 +542,78 @@ def test_state_machine_role_permissions_exact(synthesized: Synthesized) -> None:
     assert {action.split(":")[0] for action, _ in rest} == {"logs", "xray"}
 
 
-def test_operator_policy_redrive_scope(synthesized: Synthesized) -> None:
+def test_operator_policy_standard_redrive_scope(synthesized: Synthesized) -> None:
     stack = synthesized.stack
     machine = synthesized.logical_id(stack.state_machine)
+    backfill = synthesized.logical_id(stack.backfill_state_machine)
     document = synthesized.properties(stack.operator_policy)["PolicyDocument"]
-    executions = (
-        "arn:${AWS::Partition}:states:${AWS::Region}:${AWS::AccountId}:execution:"
-        f"${{{machine}.Name}}:*"
-    )
+    inspect = ["states:RedriveExecution", "states:DescribeExecution", "states:GetExecutionHistory"]
 
     assert statement_pairs(document) == (
         product(["states:StartExecution", "states:ListExecutions"], [f"${{{machine}}}"])
+        | product(inspect, [f"{EXECUTIONS}${{{machine}.Name}}:*"])
+        | product(["states:StartExecution", "states:ListExecutions"], [f"${{{backfill}}}"])
+        | product(inspect, [f"{EXECUTIONS}${{{backfill}.Name}}:*"])
+    )
+
+
+def test_operator_policy_express_no_redrive(express: Synthesized) -> None:
+    stack = express.stack
+    machine = express.logical_id(stack.state_machine)
+    backfill = express.logical_id(stack.backfill_state_machine)
+    log_group = express.logical_id(stack.workflow_log_group)
+    permissions = statement_pairs(express.properties(stack.operator_policy)["PolicyDocument"])
+
+    # EXPRESS executions have no redrive and no history API, so operators read the log group.
+    pipeline_pairs = {pair for pair in permissions if backfill not in pair[1]}
+    assert pipeline_pairs == {("states:StartExecution", f"${{{machine}}}")} | product(
+        ["logs:DescribeLogStreams", "logs:FilterLogEvents", "logs:GetLogEvents"],
+        [f"${{{log_group}.Arn}}"],
+    )
+    assert not any(action == "states:RedriveExecution" for action, _ in pipeline_pairs)
+    # The backfill is STANDARD in both cases, so its redrive stays.
+    assert ("states:RedriveExecution", f"{EXECUTIONS}${{{backfill}.Name}}:*") in permissions
+
+
+def test_backfill_role_permissions_exact(synthesized: Synthesized) -> None:
+    stack = synthesized.stack
+    source = synthesized.logical_id(stack.source_bucket)
+    processed = synthesized.logical_id(stack.processed_bucket)
+    pipeline = synthesized.logical_id(stack.state_machine)
+    backfill = synthesized.logical_id(stack.backfill_state_machine)
+    permissions = synthesized.permissions(stack.backfill_state_machine.role)
+    follow = ["states:DescribeExecution", "states:StopExecution"]
+
+    assert permissions == (
+        product(LOGS_AND_XRAY_ACTIONS, ["*"])
+        # ItemReader: ListObjectsV2 over the prefix from the execution input.
+        | {("s3:ListBucket", f"${{{source}.Arn}}")}
+        # RunPipeline: states:startExecution.sync:2 on the pipeline.
+        | {("states:StartExecution", f"${{{pipeline}}}")}
+        | product(follow, [f"{EXECUTIONS}${{{pipeline}.Name}}:*"])
         | product(
-            ["states:RedriveExecution", "states:DescribeExecution", "states:GetExecutionHistory"],
-            [executions],
+            ["events:PutTargets", "events:PutRule", "events:DescribeRule"], [SYNC_EVENTS_RULE]
         )
+        # The Distributed Map's child executions of the backfill state machine itself.
+        | {("states:StartExecution", f"${{{backfill}}}")}
+        | product(
+            follow,
+            [f"{EXECUTIONS}${{{backfill}.Name}}:*", f"{EXECUTIONS}${{{backfill}.Name}}/Backfill:*"],
+        )
+        # ResultWriter: the Map Run's manifest and results.
+        | product(
+            [
+                "s3:PutObject",
+                "s3:GetObject",
+                "s3:ListMultipartUploadParts",
+                "s3:AbortMultipartUpload",
+            ],
+            [f"${{{processed}.Arn}}/labelmark-backfill/*"],
+        )
+    )
+    assert not any(action.startswith("lambda:") for action, _ in permissions)
+    assert not any(
+        action == "s3:GetObject" and source in resource for action, resource in permissions
     )
 
 
@@ -517,16 +637,11 @@ def test_state_machine_definition_from_workflow_file(synthesized: Synthesized) -
         "OutputPrefix": "watermarked-",
     }
 
-    # Substitute the same rendered values into both texts, the way CloudFormation would,
-    # and compare the parsed documents. CDK re-serializes the JSON, so whitespace differs.
-    def substitute(text: str) -> Any:
-        for name, value in substitutions.items():
-            text = text.replace(f"${{{name}}}", render(value))
-        return json.loads(text)
-
+    # Substitute the same rendered values into both texts and compare the parsed documents.
+    # CDK re-serializes the JSON, so whitespace differs.
     definition = properties["DefinitionString"]
     assert isinstance(definition, str), "the definition must contain no CloudFormation tokens"
-    assert substitute(definition) == substitute(file_text)
+    assert substitute(definition, substitutions) == substitute(file_text, substitutions)
 
 
 def test_state_machine_standard_traced_logged(synthesized: Synthesized) -> None:
@@ -549,9 +664,155 @@ def test_state_machine_standard_traced_logged(synthesized: Synthesized) -> None:
     ]
 
 
-def test_state_machine_express_from_context(tmp_path: Path) -> None:
-    express = Synthesized({"workflowType": "EXPRESS"}, tmp_path)
-    assert express.properties(express.stack.state_machine)["StateMachineType"] == "EXPRESS"
+def test_state_machine_express_traced_logged_all(express: Synthesized) -> None:
+    stack = express.stack
+    properties = express.properties(stack.state_machine)
+
+    assert properties["StateMachineType"] == "EXPRESS"
+    assert properties["TracingConfiguration"] == {"Enabled": True}
+    # The log group is an EXPRESS execution's only history, so every transition is logged.
+    logging = properties["LoggingConfiguration"]
+    assert logging["Level"] == "ALL"
+    assert logging["IncludeExecutionData"] is False
+    assert logging["Destinations"] == [
+        {
+            "CloudWatchLogsLogGroup": {
+                "LogGroupArn": {"Fn::GetAtt": [express.logical_id(stack.workflow_log_group), "Arn"]}
+            }
+        }
+    ]
+    # A Distributed Map needs a STANDARD parent, whatever the pipeline's type.
+    assert express.properties(stack.backfill_state_machine)["StateMachineType"] == "STANDARD"
+
+
+def test_pipeline_worst_case_fits_express_limit() -> None:
+    states = json.loads(WORKFLOW_FILE.read_text("utf-8"))["States"]
+    function_states = {
+        name: state["Parameters"]["FunctionName"]
+        for name, state in states.items()
+        if state.get("Resource") == "arn:aws:states:::lambda:invoke"
+    }
+    assert sorted(function_states.values()) == sorted(
+        f"${{{name.capitalize()}FunctionArn}}" for name in FUNCTION_SIZING
+    )
+
+    # Every stage succeeds on its last attempt after all its timeout retries, and then
+    # RecordFailure uses all of its retries. Waits are at their maximum, without jitter.
+    worst = 0.0
+    for name, placeholder in function_states.items():
+        function = placeholder.removeprefix("${").removesuffix("FunctionArn}").lower()
+        timeout = FUNCTION_SIZING[function].timeout_seconds
+        retrier = timeout_retrier(states[name])
+        worst += (retrier["MaxAttempts"] + 1) * timeout + retry_waits(retrier)
+    (record_retrier,) = states["RecordFailure"]["Retry"]
+    worst += retry_waits(record_retrier)
+
+    assert worst <= EXPRESS_MAX_SECONDS
+    # The comment next to FUNCTION_SIZING in infra/stack.py states this figure.
+    assert worst == 268
+
+
+def timeout_retrier(state: dict[str, Any]) -> dict[str, Any]:
+    (retrier,) = [
+        retrier for retrier in state["Retry"] if "Sandbox.Timedout" in retrier["ErrorEquals"]
+    ]
+    assert "States.Timeout" in retrier["ErrorEquals"]
+    return retrier
+
+
+def retry_waits(retrier: dict[str, Any]) -> float:
+    """Return the longest total wait of RETRIER's retries, using the States Language defaults."""
+    interval = retrier.get("IntervalSeconds", 1)
+    backoff = retrier.get("BackoffRate", 2.0)
+    cap = retrier.get("MaxDelaySeconds", float("inf"))
+    return sum(
+        min(interval * backoff**attempt, cap) for attempt in range(retrier.get("MaxAttempts", 3))
+    )
+
+
+# Backfill
+
+
+def test_backfill_definition_from_file(synthesized: Synthesized) -> None:
+    stack = synthesized.stack
+    properties = synthesized.properties(stack.backfill_state_machine)
+    file_text = BACKFILL_FILE.read_text("utf-8")
+    substitutions = properties["DefinitionSubstitutions"]
+
+    assert set(re.findall(r"\$\{(\w+)\}", file_text)) == set(BACKFILL_PLACEHOLDERS)
+    assert substitutions == {
+        "SourceBucket": {"Ref": synthesized.logical_id(stack.source_bucket)},
+        "ProcessedBucket": {"Ref": synthesized.logical_id(stack.processed_bucket)},
+        "PipelineStateMachineArn": {"Ref": synthesized.logical_id(stack.state_machine)},
+    }
+    definition = properties["DefinitionString"]
+    assert isinstance(definition, str), "the definition must contain no CloudFormation tokens"
+    assert substitute(definition, substitutions) == substitute(file_text, substitutions)
+
+
+def test_backfill_standard_traced_logged(synthesized: Synthesized) -> None:
+    stack = synthesized.stack
+    properties = synthesized.properties(stack.backfill_state_machine)
+    log_group = stack.backfill.log_group
+
+    assert properties["StateMachineType"] == "STANDARD"
+    assert properties["TracingConfiguration"] == {"Enabled": True}
+    logging = properties["LoggingConfiguration"]
+    assert logging["Level"] == "ALL"
+    assert logging["IncludeExecutionData"] is False
+    assert logging["Destinations"] == [
+        {
+            "CloudWatchLogsLogGroup": {
+                "LogGroupArn": {"Fn::GetAtt": [synthesized.logical_id(log_group), "Arn"]}
+            }
+        }
+    ]
+    assert synthesized.properties(log_group)["LogGroupName"] == (
+        "/aws/vendedlogs/states/Labelmark-backfill"
+    )
+
+
+def test_definition_body_placeholder_mismatch_rejected() -> None:
+    values = dict.fromkeys(BACKFILL_PLACEHOLDERS, "x")
+    with pytest.raises(DefinitionError, match=r"uses the placeholders .* Make the two lists equal"):
+        definition_body(BACKFILL_FILE, {**values, "Unused": "x"})
+    del values["SourceBucket"]
+    with pytest.raises(
+        DefinitionError, match=r"substitutes \['PipelineStateMachineArn', 'ProcessedBucket'\]"
+    ):
+        definition_body(BACKFILL_FILE, values)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # A placeholder that the stack does not substitute.
+        (
+            lambda text: text.replace('"Label": "Backfill"', '"Label": "${MapLabel}"'),
+            r"uses the placeholders \['MapLabel', ",
+        ),
+        # Child execution ARNs contain the label, so the grants need it.
+        (lambda text: text.replace('"Label": "Backfill",', ""), r"has no Label"),
+        # The ResultWriter grant covers labelmark-backfill/ only.
+        (
+            lambda text: text.replace('"Prefix": "labelmark-backfill"', '"Prefix": "results"'),
+            r"writes under 'results'",
+        ),
+    ],
+)
+def test_backfill_file_mismatch_rejected(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    edit: Any,
+    message: str,
+) -> None:
+    edited = tmp_path / "backfill.asl.json"
+    edited.write_text(edit(BACKFILL_FILE.read_text("utf-8")), "utf-8")
+    assert edited.read_text("utf-8") != BACKFILL_FILE.read_text("utf-8")
+    monkeypatch.setattr("infra.backfill.BACKFILL_FILE", edited)
+
+    with pytest.raises(DefinitionError, match=message):
+        create_app(OFFLINE_CONTEXT, outdir=str(tmp_path / "cdk.out"))
 
 
 def test_detect_local_backend_drops_rekognition(tmp_path: Path) -> None:
@@ -623,6 +884,9 @@ def test_outputs_names_arn_console_url(synthesized: Synthesized) -> None:
         "Ref": synthesized.logical_id(synthesized.stack.processed_bucket)
     }
     assert outputs["StateMachineArn"]["Value"] == {"Ref": machine}
+    assert outputs["BackfillStateMachineArn"]["Value"] == {
+        "Ref": synthesized.logical_id(synthesized.stack.backfill_state_machine)
+    }
     assert render(outputs["ExecutionsConsoleUrl"]["Value"]) == (
         "https://${AWS::Region}.console.aws.amazon.com/states/home?region=${AWS::Region}"
         f"#/statemachines/view/${{{machine}}}"
@@ -633,16 +897,11 @@ def test_outputs_names_arn_console_url(synthesized: Synthesized) -> None:
 
 
 def test_nag_no_unacknowledged_findings(synthesized: Synthesized) -> None:
-    synthesized.app.synth()
-    report = json.loads((synthesized.outdir / "policy-validation-report.json").read_text())
+    assert nag_findings(synthesized) == []
 
-    findings = [
-        f"{violation['severity']} {violation['ruleName']} at {resource['constructPath']}"
-        for plugin in report["pluginReports"]
-        for violation in plugin["violations"]
-        for resource in violation["violatingResources"]
-    ]
-    assert findings == []
+
+def test_nag_express_no_unacknowledged_findings(express: Synthesized) -> None:
+    assert nag_findings(express) == []
 
 
 def test_nag_new_wildcard_fails_synthesis(tmp_path: Path) -> None:
