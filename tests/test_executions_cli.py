@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from tests.conftest import jpeg_bytes
 from workflow.cli import main
+from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.records import ExecutionRecord, ExecutionStore, Recorder
 
@@ -197,3 +198,20 @@ def test_replay_failed_resumes_and_exits_zero(tmp_path: Path) -> None:
     assert real.exit_code == 0
     assert real.output == f"replayed {plan}: SUCCEEDED\n"
     assert again.output == "no failed executions to replay\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # an ANSI sequence that clears the screen
+        ("a\x1b[2Jb", "a\\x1b[2Jb"),
+        # NUL, DEL and the C1 control CSI
+        ("\x00\x7f\x9b", "\\x00\\x7f\\x9b"),
+        # tab, newline and carriage return get their short names
+        ("a\tb\nc\rd", "a\\tb\\nc\\rd"),
+        # printable non-ASCII text and backslashes stay as they are
+        ("caf\u00e9 \u00a0 \\x", "caf\u00e9 \u00a0 \\x"),
+    ],
+)
+def test_printable_escapes_control_characters(text: str, expected: str) -> None:
+    assert printable(text) == expected
