@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import datetime as dt
+import importlib
 import io
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -103,3 +109,114 @@ def test_cached_program_has_heap_keys() -> None:
 
     assert isinstance(first, EvalComponent)
     assert first._EvalComponent__heap_key is not None  # type: ignore[attr-defined]
+
+
+def _run_histories_full(*, fast_copy: bool) -> list[list[dict[str, Any]]]:
+    """Run the three cases of `_run_histories`; return whole events without ids of the run."""
+    faults = {"count": 0}
+
+    def fail_once(stage: str, event: dict[str, Any]) -> None:
+        if stage == "watermark" and "retry" in event["source"]["key"] and faults["count"] == 0:
+            faults["count"] += 1
+            raise TransientError("simulated transient failure")
+
+    config = EngineConfig(detector="rekognition", real_rekognition=False)
+    histories = []
+    with LocalEngine(config, fault_hook=fail_once) as engine:
+        if not fast_copy:
+            for name in fastparse._COPYING_MODULES:
+                importlib.import_module(name).copy = copy  # type: ignore[attr-defined]
+        for key in ("clean.jpg", "folder/", "retry.jpg", "notes.jpg"):
+            body = b"" if key.endswith("/") else b"text" if key == "notes.jpg" else _jpeg()
+            event = engine.upload(key, body)
+            # The event's id and time come from the clock; fixed here so both runs get one input.
+            event["id"], event["time"] = f"fixed-{key}", "2026-01-01T00:00:00Z"
+            event["detail"]["object"]["sequencer"] = "0"
+            result = engine.run(event)
+            histories.append([_without_run_ids(item) for item in engine.history(result.arn)])
+    return histories
+
+
+def _without_run_ids(event: dict[str, Any]) -> dict[str, Any]:
+    """Drop the timestamps and request ids, which differ between any two runs."""
+    event = {name: value for name, value in event.items() if name != "timestamp"}
+    details = dict(event.get("taskSucceededEventDetails") or {})
+    if details.get("resource") == "putObject":
+        # The failure record contains the time it was made, so its ETag and checksum differ.
+        details.pop("output")
+        event["taskSucceededEventDetails"] = details
+    text = json.dumps(event, default=str)
+    text = re.sub(r'"function_request_id": "[^"]*"|"requestId": "[^"]*"', "", text)
+    # Times inside state data, such as the failure record's `enteredTime`, escaped or not.
+    text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(\+00:00|Z)?", "TIME", text)
+    return dict(json.loads(text))
+
+
+def test_copy_seam_exists_in_moto() -> None:
+    # GIVEN the interpreter modules that fastparse gives a faster deepcopy
+    for name in fastparse._COPYING_MODULES:
+        module = importlib.import_module(name)
+
+        # THEN each still imports the copy module by that name and calls copy.deepcopy
+        assert module.copy is copy or module.copy is fastparse._JSON_COPY, name  # type: ignore[attr-defined]
+        source = Path(module.__file__ or "").read_text(encoding="utf-8")
+        assert "copy.deepcopy(" in source, name
+    # AND moto's thread list that prune_finished_threads trims is still a module-level list
+    from moto.stepfunctions.parser import utils
+
+    assert isinstance(utils.TMP_THREADS, list)
+
+
+def test_engine_installs_and_removes_fast_copy() -> None:
+    from moto.stepfunctions.parser.asl.eval import states
+
+    with LocalEngine(EngineConfig(detector="rekognition", real_rekognition=False)):
+        assert states.copy is fastparse._JSON_COPY  # type: ignore[attr-defined]
+    assert states.copy is copy  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": [1, 2.5, True, None, "x"], "b": {"c": {"d": []}}},  # nested JSON
+        [{"Name": "Cat", "Instances": [{"BoundingBox": {"Width": 0.5}}]}],  # labels as Rekognition returns them
+        {"when": dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "pair": (1, [2])},  # values that are not JSON
+        {1: "integer key"},  # a key that is not a string
+    ],
+)
+def test_copy_json_equals_deepcopy(value: Any) -> None:
+    copied = fastparse.copy_json(value)
+
+    assert copied == copy.deepcopy(value)
+    # AND no list or dict is shared with the original
+    assert copied is not value
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if isinstance(item, (dict, list)):
+                assert copied[name] is not item
+
+
+@pytest.mark.slow
+def test_fast_copy_gives_identical_histories() -> None:
+    # GIVEN the same four runs (clean, skipped, retried, failed) with and without the fast copy
+    plain = _run_histories_full(fast_copy=False)
+    fast = _run_histories_full(fast_copy=True)
+
+    # THEN every event is the same, details included
+    for without, with_patch in zip(plain, fast, strict=True):
+        assert with_patch == without
+
+
+def test_forget_execution_releases_moto_state() -> None:
+    with LocalEngine(EngineConfig(detector="rekognition", real_rekognition=False)) as engine:
+        from moto.stepfunctions.parser import utils
+
+        result = engine.run(engine.upload("a.jpg", _jpeg()))
+        backend = engine._sfn_backend()
+        state_machine = backend.describe_state_machine(engine.state_machine_arn)
+        assert len(state_machine.executions) == 1
+
+        engine.forget_execution(result.arn)
+
+        assert state_machine.executions == []
+        assert all(thread.is_alive() for thread in utils.TMP_THREADS)

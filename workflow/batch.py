@@ -14,7 +14,7 @@ from functions.common.labels import headline_names
 from workflow.engine import LocalEngine, RunResult
 from workflow.localfiles import write_object
 
-__all__ = ["InputFile", "ImageOutcome", "collect_inputs", "run_batch", "InputError"]
+__all__ = ["ImageOutcome", "InputError", "InputFile", "collect_inputs", "run_batch", "run_one"]
 
 
 class InputError(ValueError):
@@ -83,26 +83,52 @@ def run_batch(
     workers: int = 2,
     on_done: Callable[[ImageOutcome], None] | None = None,
 ) -> list[ImageOutcome]:
-    """Upload INPUTS, run one execution each (WORKERS at a time) and write results to OUT_DIR."""
-    outcomes: list[ImageOutcome] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="labelmark-run") as pool:
-        futures = [pool.submit(_run_one, engine, item, out_dir) for item in inputs]
-        for future in as_completed(futures):
-            outcome = future.result()
-            outcomes.append(outcome)
-            if on_done is not None:
-                on_done(outcome)
+    """Upload INPUTS, run one execution each (WORKERS at a time) and write results to OUT_DIR.
+
+    With one worker, or an engine that has a fault hook (a function cannot be sent to another
+    process), every execution runs in this process on ENGINE. With WORKERS of 2 or more, this
+    process runs executions on ENGINE while WORKERS - 1 worker processes each start their own
+    engine with the same settings (see `workflow.workers`). ON_DONE is called in this process
+    for each outcome as it arrives, and the list returned is in the order of INPUTS.
+    """
+    if workers <= 1 or len(inputs) <= 1 or engine.dispatcher.fault_hook is not None:
+        outcomes = _run_in_process(engine, inputs, out_dir, on_done, threads=workers)
+    else:
+        from workflow.workers import run_with_processes
+
+        outcomes = run_with_processes(engine, inputs, out_dir, workers=workers, on_done=on_done)
     order = {item.key: index for index, item in enumerate(inputs)}
     outcomes.sort(key=lambda outcome: order[outcome.key])
     return outcomes
 
 
-def _run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome:
+def _run_in_process(
+    engine: LocalEngine,
+    inputs: list[InputFile],
+    out_dir: Path,
+    on_done: Callable[[ImageOutcome], None] | None,
+    *,
+    threads: int,
+) -> list[ImageOutcome]:
+    outcomes: list[ImageOutcome] = []
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="labelmark-run") as pool:
+        futures = [pool.submit(run_one, engine, item, out_dir) for item in inputs]
+        for future in as_completed(futures):
+            outcome = future.result()
+            outcomes.append(outcome)
+            if on_done is not None:
+                on_done(outcome)
+    return outcomes
+
+
+def run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome:
+    """Upload ITEM, run its execution, write its results to OUT_DIR and free its memory."""
     started = time.perf_counter()
     event = engine.upload(item.key, item.path.read_bytes())
     result = engine.run(event)
     outcome = _outcome(engine, item.key, result, out_dir)
     _release_objects(engine, item.key, result)
+    _release_execution(engine, result)
     outcome.seconds = time.perf_counter() - started
     return outcome
 
@@ -113,11 +139,23 @@ def _release_objects(engine: LocalEngine, key: str, result: RunResult) -> None:
     moto keeps every object until the engine stops, so a long batch would otherwise grow by the
     size of each source and output. Replays read the source from the state folder instead.
     """
-    engine.s3.delete_object(Bucket=engine.config.source_bucket, Key=key)
+    engine.delete_object(engine.config.source_bucket, key)
     output = ((result.output or {}).get("store") or {}).get("output")
     if result.status == "SUCCEEDED" and output:
-        engine.s3.delete_object(Bucket=output["bucket"], Key=output["key"])
-        engine.s3.delete_object(Bucket=output["bucket"], Key=output["sidecarKey"])
+        engine.delete_object(output["bucket"], output["key"])
+        engine.delete_object(output["bucket"], output["sidecarKey"])
+
+
+def _release_execution(engine: LocalEngine, result: RunResult) -> None:
+    """Drop a finished execution from moto once its history is in the execution records.
+
+    moto keeps every execution's history and state data until the engine stops, which a long
+    batch would otherwise accumulate. `labelmark show` and `labelmark serve` read the records,
+    not moto, so nothing needs the execution afterwards.
+    """
+    if engine.recorder is not None:
+        engine.recorder.sync(result.name)
+    engine.forget_execution(result.arn)
 
 
 def _outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Path) -> ImageOutcome:
@@ -126,8 +164,8 @@ def _outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Path) ->
 
     if result.status == "SUCCEEDED":
         output = (result.output or {})["store"]["output"]
-        image = engine.get_bytes(output["bucket"], output["key"])
-        sidecar = engine.get_bytes(output["bucket"], output["sidecarKey"])
+        image = _read(engine, output["bucket"], output["key"])
+        sidecar = _read(engine, output["bucket"], output["sidecarKey"])
         image_file = write_object(out_dir, output["key"], image)
         write_object(out_dir, output["sidecarKey"], sidecar)
         labels = headline_names(json.loads(sidecar)["labels"], count=3)
@@ -142,10 +180,8 @@ def _failed_outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: P
     record_key = failure_key(result.name)
     failure_file = None
     state = "?"
-    try:
-        record = engine.get_bytes(engine.config.processed_bucket, record_key)
-    except Exception:  # noqa: BLE001 - a run can fail before its record is written
-        record = None
+    # A run can fail before its record is written.
+    record = engine.read_object(engine.config.processed_bucket, record_key)
     if record is not None:
         failure_file = write_object(out_dir, record_key, record)
         state = json.loads(record).get("failedState", state)
@@ -156,6 +192,13 @@ def _failed_outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: P
         failure_file=failure_file,
         reason=f"{state}: {describe_error(result.error, result.cause)}",
     )
+
+
+def _read(engine: LocalEngine, bucket: str, key: str) -> bytes:
+    body = engine.read_object(bucket, key)
+    if body is None:
+        raise LookupError(f"the store stage reported s3://{bucket}/{key}, but it does not exist")
+    return body
 
 
 def describe_error(error: str | None, cause: str | None) -> str:

@@ -13,18 +13,46 @@ parser each time it evaluates one, about 1 ms each, so compiled paths are cached
 `LocalEngine.wait` polled DescribeExecution every 20 ms; `wait_for_termination` wakes it as soon as
 any execution ends.
 
+The interpreter also copies the state data with `copy.deepcopy` several times per state (state
+input, result, history event details). That data is parsed JSON: dicts with string keys, lists,
+strings, numbers, booleans and None. `copy_json` copies such values about ten times faster than
+`copy.deepcopy`, and hands anything else to `copy.deepcopy`, so the modules listed in
+`_COPYING_MODULES` get it in place of the `copy` module they import.
+
 The seams are private to moto, which the project pins exactly; `tests/test_fastparse.py` fails
 when they move.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import importlib
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["install_parse_cache", "parse_cached", "cache_size", "wait_for_termination"]
+__all__ = [
+    "cache_size",
+    "copy_json",
+    "install_parse_cache",
+    "parse_cached",
+    "prune_finished_threads",
+    "wait_for_termination",
+]
+
+# The interpreter modules that deepcopy state data; each imports the `copy` module by that name.
+_COPYING_MODULES = (
+    "moto.stepfunctions.parser.asl.eval.states",
+    "moto.stepfunctions.parser.asl.eval.event.event_manager",
+    "moto.stepfunctions.parser.asl.eval.environment",
+    "moto.stepfunctions.parser.asl.component.common.string.string_expression",
+    "moto.stepfunctions.parser.asl.component.common.path.result_path",
+    "moto.stepfunctions.parser.asl.component.state.exec.execute_state",
+    "moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service",
+)
+_JSON_SCALARS = (str, int, float, bool, type(None))
 
 _cache: dict[str, Any] = {}
 _cache_lock = threading.Lock()
@@ -66,6 +94,45 @@ def wait_for_termination(timeout: float) -> None:
     with _terminated:
         seen = _terminations
         _terminated.wait_for(lambda: _terminations != seen, timeout=timeout)
+
+
+def copy_json(value: Any, memo: dict[int, Any] | None = None) -> Any:
+    """Return a deep copy of VALUE, fast for parsed JSON and by `copy.deepcopy` for anything else.
+
+    Unlike `copy.deepcopy`, an object reached twice is copied twice: parsed JSON has no shared
+    references, and a tree of plain values serialises the same either way. A MEMO argument means
+    the caller relies on `copy.deepcopy`'s bookkeeping, so that call goes to it unchanged.
+    """
+    if memo is not None:
+        return copy.deepcopy(value, memo)
+    kind = type(value)
+    if kind is dict:
+        return {
+            key if type(key) is str else copy.deepcopy(key): copy_json(item)
+            for key, item in value.items()
+        }
+    if kind is list:
+        return [copy_json(item) for item in value]
+    if kind in _JSON_SCALARS:
+        return value
+    return copy.deepcopy(value)
+
+
+def prune_finished_threads() -> int:
+    """Drop ended threads from moto's `TMP_THREADS` list and return how many were dropped.
+
+    The interpreter appends every thread it starts (one per execution and one per Task state) to
+    that module-level list and never removes them, so a long batch keeps thousands of ended
+    `Thread` objects.
+    """
+    from moto.stepfunctions.parser import utils
+
+    threads = utils.TMP_THREADS
+    alive = [thread for thread in threads if thread.is_alive()]
+    dropped = len(threads) - len(alive)
+    # Slice assignment keeps the list object that the interpreter modules imported.
+    threads[:] = alive
+    return dropped
 
 
 def install_parse_cache() -> Callable[[], None]:
@@ -124,14 +191,23 @@ def _patch_interpreter() -> None:
     # A compiled jsonpath-ng expression is read-only when matched, so threads can share one.
     json_path.parse = functools.lru_cache(maxsize=4096)(original_json_path_parse)
     result_path.parse = functools.lru_cache(maxsize=4096)(original_result_path_parse)
+    copying_modules = [importlib.import_module(name) for name in _COPYING_MODULES]
+    for module in copying_modules:
+        module.copy = _JSON_COPY  # type: ignore[attr-defined]
 
     def restore() -> None:
         ExecutionWorker._get_evaluation_entrypoint = original_entrypoint  # type: ignore[method-assign]
         BaseExecutionWorkerCommunication.terminated = original_terminated  # type: ignore[method-assign]
         json_path.parse = original_json_path_parse
         result_path.parse = original_result_path_parse
+        for module in copying_modules:
+            module.copy = copy  # type: ignore[attr-defined]
 
     _restore.append(restore)
+
+
+# Stands in for the `copy` module inside the interpreter modules that deepcopy state data.
+_JSON_COPY = types.SimpleNamespace(deepcopy=copy_json, copy=copy.copy)
 
 
 def _assign_heap_keys(root: Any) -> None:

@@ -654,11 +654,13 @@ class Recorder:
 
     def sync(self, name: str) -> None:
         """Copy the new history events of one execution, and its end once it has ended."""
-        with self._lock:
-            arn = self._running.get(name)
-        if arn is None or self._engine is None:
-            return
         with self._sync_lock:
+            # Looked up under the sync lock: a sync that ran while this one waited may have
+            # finished the execution, and `run_batch` then removes it from the engine.
+            with self._lock:
+                arn = self._running.get(name)
+            if arn is None or self._engine is None:
+                return
             self._sync(name, arn)
 
     def sync_all(self) -> None:

@@ -1,0 +1,211 @@
+"""`run_batch` with worker processes gives what one process gives: outcomes, files and records."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from workflow.batch import ImageOutcome, InputFile, collect_inputs, run_batch
+from workflow.cli import main
+from workflow.engine import EngineConfig, LocalEngine
+from workflow.records import ExecutionStore, Recorder
+from workflow.workers import run_with_processes
+
+CONFIG = EngineConfig(detector="rekognition", real_rekognition=False)
+
+
+def _encode(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def _write_uploads(folder: Path) -> list[InputFile]:
+    """Write six images, an empty file and a text file named .jpg; return them as inputs."""
+    files = {
+        "red.jpg": _encode(Image.new("RGB", (320, 240), (200, 30, 30)), "JPEG"),
+        "green.jpg": _encode(Image.new("RGB", (240, 320), (30, 200, 30)), "JPEG"),
+        "blue.png": _encode(Image.new("RGB", (300, 200), (30, 30, 200)), "PNG"),
+        "noise.jpg": _encode(Image.effect_noise((320, 240), 40).convert("RGB"), "JPEG"),
+        "deep/folder/grey photo.jpg": _encode(Image.new("RGB", (400, 300), (128, 128, 128)), "JPEG"),
+        "clear.png": _encode(Image.new("RGBA", (200, 200), (10, 200, 10, 100)), "PNG"),
+        "empty.jpg": b"",
+        "notes.jpg": b"not a picture\n" * 10,
+    }
+    for name, body in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+    return collect_inputs([folder])
+
+
+def _run(inputs: list[InputFile], root: Path, *, processes: bool) -> tuple[list[ImageOutcome], Path, Path]:
+    """Run INPUTS with one process or with two worker processes; return outcomes and folders."""
+    out_dir, state_dir = root / "out", root / "state"
+    store = ExecutionStore(state_dir)
+    with LocalEngine(CONFIG, recorder=Recorder(store)) as engine:
+        if processes:
+            # The calling process stays out, so that both worker processes run images even in a
+            # batch this small.
+            outcomes = run_with_processes(engine, inputs, out_dir, workers=2, use_calling_process=False)
+        else:
+            outcomes = run_batch(engine, inputs, out_dir, workers=1)
+    store.close()
+    return outcomes, out_dir, state_dir
+
+
+def _outcome_view(outcome: ImageOutcome, out_dir: Path) -> tuple[Any, ...]:
+    relative = [
+        str(path.relative_to(out_dir)) if path is not None else None
+        for path in (outcome.output_file, outcome.failure_file)
+    ]
+    return (outcome.key, outcome.status, outcome.execution, outcome.labels, outcome.reason, *relative)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+# Fields that differ between any two runs of one upload: the run's time and the upload's sequencer.
+_TIME_FIELDS = {"sequencer", "enteredTime"}
+
+
+def _timeless(value: Any) -> Any:
+    """Return VALUE (JSON bytes or parsed JSON) without the fields that differ between runs."""
+    if isinstance(value, bytes):
+        value = json.loads(value)
+    if isinstance(value, dict):
+        stripped = {name: _timeless(item) for name, item in value.items() if name not in _TIME_FIELDS}
+        if stripped.get("detail-type") == "Object Created":
+            # The event the local engine builds for an upload: its id contains the sequencer.
+            stripped.pop("id")
+            stripped.pop("time")
+        return stripped
+    if isinstance(value, list):
+        return [_timeless(item) for item in value]
+    return value
+
+
+def _records(state_dir: Path) -> dict[str, tuple[Any, ...]]:
+    """Return each execution's end and its history's event types and states, by name."""
+    with ExecutionStore(state_dir) as store:
+        return {
+            record.name: (
+                record.status,
+                _timeless(record.output),
+                record.error,
+                record.cause,
+                record.source_key,
+                record.source_sha256,
+                [(event.type, event.state) for event in store.events(record.name)],
+            )
+            for record in store.list()
+        }
+
+
+def _owner_pids(state_dir: Path) -> set[int]:
+    import sqlite3
+
+    with sqlite3.connect(state_dir / "executions.sqlite3") as connection:
+        return {row[0] for row in connection.execute("SELECT owner_pid FROM executions")}
+
+
+@pytest.fixture(scope="module")
+def both_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Run the same uploads in one process and in two worker processes."""
+    root = tmp_path_factory.mktemp("workers")
+    inputs = _write_uploads(root / "uploads")
+    single = _run(inputs, root / "single", processes=False)
+    multi = _run(inputs, root / "multi", processes=True)
+    return {"inputs": inputs, "single": single, "multi": multi}
+
+
+def test_workers_give_same_outcomes(both_runs: dict[str, Any]) -> None:
+    single_outcomes, single_out, _ = both_runs["single"]
+    multi_outcomes, multi_out, _ = both_runs["multi"]
+
+    # run_with_processes returns outcomes as they finish; run_batch puts them in input order.
+    single = sorted(_outcome_view(outcome, single_out) for outcome in single_outcomes)
+    multi = sorted(_outcome_view(outcome, multi_out) for outcome in multi_outcomes)
+
+    assert multi == single
+    statuses = [outcome.status for outcome in multi_outcomes]
+    assert statuses.count("SUCCEEDED") == 6
+    assert statuses.count("SKIPPED") == 1
+    assert statuses.count("FAILED") == 1
+
+
+def test_workers_write_identical_files(both_runs: dict[str, Any]) -> None:
+    _, single_out, _ = both_runs["single"]
+    _, multi_out, _ = both_runs["multi"]
+
+    single, multi = _files(single_out), _files(multi_out)
+
+    assert sorted(multi) == sorted(single)
+    for name, body in single.items():
+        if name.endswith(".json"):
+            # Sidecars and failure records contain the upload's sequencer, and failure records
+            # the time of the run.
+            assert _timeless(multi[name]) == _timeless(body), name
+        else:
+            assert multi[name] == body, name
+    # Six images and their sidecars, and the failure record of the text file.
+    assert len(single) == 13
+
+
+def test_workers_write_same_records(both_runs: dict[str, Any]) -> None:
+    _, _, single_state = both_runs["single"]
+    _, _, multi_state = both_runs["multi"]
+
+    single, multi = _records(single_state), _records(multi_state)
+
+    assert multi == single
+    assert len(single) == len(both_runs["inputs"])
+
+
+def test_workers_run_in_separate_processes(both_runs: dict[str, Any]) -> None:
+    import os
+
+    _, _, multi_state = both_runs["multi"]
+
+    owners = _owner_pids(multi_state)
+
+    assert os.getpid() not in owners
+    assert len(owners) == 2
+
+
+def test_workers_return_input_order(both_runs: dict[str, Any], tmp_path: Path) -> None:
+    # run_batch sorts what the workers return into the order of its inputs
+    inputs = both_runs["inputs"][:3]
+    with LocalEngine(CONFIG) as engine:
+        seen: list[str] = []
+        outcomes = run_batch(engine, inputs, tmp_path, workers=2, on_done=lambda o: seen.append(o.key))
+
+    assert [outcome.key for outcome in outcomes] == [item.key for item in inputs]
+    assert sorted(seen) == sorted(item.key for item in inputs)
+    assert engine.dispatcher.invocations["detect"] == 3
+
+
+def test_cli_workers_print_each_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN the uploads and a state folder for this test
+    monkeypatch.setenv("LABELMARK_STATE_DIR", str(tmp_path / "state"))
+    inputs = _write_uploads(tmp_path / "uploads")
+
+    # WHEN labelmark run uses two workers (the offline model: the CLI's Rekognition is the real one)
+    result = CliRunner().invoke(
+        main, ["run", str(tmp_path / "uploads"), "--out", str(tmp_path / "out"), "--workers", "2"]
+    )
+
+    # THEN each image has one line and the summary counts them all
+    lines = result.output.splitlines()
+    for item in inputs:
+        assert len([line for line in lines if item.key in line]) == 1, item.key
+    assert "8 images" in result.output
+    assert "6 succeeded, 1 skipped, 1 failed" in result.output
+    assert result.exit_code == 1

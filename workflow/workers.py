@@ -1,0 +1,296 @@
+"""Worker processes for `run_batch`: one local engine per process, fed from one shared queue.
+
+The interpreter's Python code and the handlers share one GIL per process, so threads in one
+process cannot use a second core. Each worker process therefore starts its own `LocalEngine` with
+the calling engine's `EngineConfig` (its own moto, buckets and state machine) and takes input
+indexes from a queue that every worker shares, so a slow image delays only the worker that has
+it. The calling process is a worker too: it runs executions on its engine, which is already
+started, while the other processes import moto and load the model (about 1 to 2 s each), so
+that start-up delays nothing.
+
+Execution names are derived from each object's key and ETag, so they, the outputs and the
+execution records are the same whichever process runs an image. Workers record into the same
+SQLite state folder as the calling engine's recorder (WAL mode, with a busy timeout).
+
+Processes are started with the `spawn` method: moto and the recorder run threads, and a child
+forked from a process with threads can inherit a lock that one of them held.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workflow.batch import ImageOutcome, InputFile, run_one
+from workflow.engine import EngineConfig, LocalEngine
+
+__all__ = ["WorkerProcessError", "run_with_processes"]
+
+logger = logging.getLogger(__name__)
+
+# Seconds between checks that the worker processes are still alive while no result arrives.
+_LIVENESS_INTERVAL = 0.5
+# Seconds a worker that has started its engine gets to stop it and exit once the queue is empty.
+_EXIT_GRACE = 30.0
+_PARENT = 0
+
+
+class WorkerProcessError(RuntimeError):
+    """A worker raised while running one image, as `run_one` raises in a single process."""
+
+
+@dataclass(frozen=True)
+class _WorkerSettings:
+    """What a worker process needs to build an engine like the caller's."""
+
+    config: EngineConfig
+    state_dir: str | None
+    recorder_interval: float
+    moto_log_level: int
+
+
+def run_with_processes(
+    engine: LocalEngine,
+    inputs: list[InputFile],
+    out_dir: Path,
+    *,
+    workers: int,
+    on_done: Callable[[ImageOutcome], None] | None = None,
+    use_calling_process: bool = True,
+) -> list[ImageOutcome]:
+    """Run INPUTS on ENGINE in this process and on WORKERS - 1 worker processes; return outcomes.
+
+    Outcomes are returned, and passed to ON_DONE, in the order they finish. A worker process that
+    dies while it runs an image produces a FAILED outcome for that image; the other workers go on
+    with the rest of the queue. With USE_CALLING_PROCESS off, this process only collects results
+    and WORKERS processes run every image (tests use it so that small batches reach them).
+    """
+    context = multiprocessing.get_context("spawn")
+    tasks: Any = context.Queue()
+    results: Any = context.Queue()
+    for index in range(len(inputs)):
+        tasks.put(index)
+    process_count = workers - 1 if use_calling_process else workers
+    for _ in range(workers):
+        tasks.put(None)
+
+    settings = _settings_of(engine)
+    processes = {
+        worker: context.Process(
+            target=_worker_main,
+            args=(worker, settings, inputs, out_dir, tasks, results),
+            name=f"labelmark-worker-{worker}",
+            daemon=True,
+        )
+        for worker in range(1, process_count + 1)
+    }
+    for process in processes.values():
+        process.start()
+    stop = threading.Event()
+    local = threading.Thread(
+        target=_parent_worker if use_calling_process else _no_work,
+        args=(engine, inputs, out_dir, tasks, results, stop),
+        name="labelmark-run",
+        daemon=True,
+    )
+    local.start()
+
+    collector = _Collector(inputs, processes, on_done)
+    finished = False
+    try:
+        collector.collect(results)
+        finished = True
+    finally:
+        stop.set()
+        local.join()
+        collector.drain(results)
+        _close_workers(processes, collector.ready if finished else set())
+        collector.drain(results)
+        _merge_invocations(engine, collector.invocations)
+    return collector.outcomes
+
+
+class _Collector:
+    """Results from every worker, in the order they arrive, and what each worker is running."""
+
+    def __init__(
+        self,
+        inputs: list[InputFile],
+        processes: dict[int, Any],
+        on_done: Callable[[ImageOutcome], None] | None,
+    ) -> None:
+        self.inputs = inputs
+        self.processes = processes
+        self.on_done = on_done
+        self.outcomes: list[ImageOutcome] = []
+        self.running: dict[int, int] = {}  # worker -> input index
+        self.ready: set[int] = set()
+        self.exited: set[int] = set()
+        self.invocations: dict[str, int] = {}
+
+    def collect(self, results: Any) -> None:
+        while len(self.outcomes) < len(self.inputs):
+            try:
+                message = results.get(timeout=_LIVENESS_INTERVAL)
+            except queue.Empty:
+                self._check_workers()
+                continue
+            self._handle(message)
+
+    def drain(self, results: Any) -> None:
+        """Handle the messages already queued, such as the end counts of workers that exited."""
+        while True:
+            try:
+                message = results.get(timeout=0.05)
+            except queue.Empty:
+                return
+            if message[0] in ("ready", "exit"):
+                self._handle(message)
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
+        kind, worker = message[0], message[1]
+        if kind == "ready":
+            self.ready.add(worker)
+        elif kind == "taken":
+            self.running[worker] = message[2]
+        elif kind == "done":
+            self.running.pop(worker, None)
+            self._add(message[3])
+        elif kind == "error":
+            index, text = message[2], message[3]
+            where = "this process" if worker == _PARENT else f"worker process {worker}"
+            raise WorkerProcessError(f"running '{self.inputs[index].key}' failed in {where}:\n{text}")
+        elif kind == "exit":
+            self.exited.add(worker)
+            for stage, count in message[2].items():
+                self.invocations[stage] = self.invocations.get(stage, 0) + count
+
+    def _add(self, outcome: ImageOutcome) -> None:
+        self.outcomes.append(outcome)
+        if self.on_done is not None:
+            self.on_done(outcome)
+
+    def _check_workers(self) -> None:
+        """Turn the image of a worker process that died into a FAILED outcome."""
+        for worker, process in self.processes.items():
+            if process.is_alive() or worker in self.exited:
+                continue
+            self.exited.add(worker)
+            index = self.running.pop(worker, None)
+            logger.error("worker process %d exited with code %s", worker, process.exitcode)
+            if index is not None:
+                self._add(
+                    ImageOutcome(
+                        self.inputs[index].key,
+                        "FAILED",
+                        execution="",
+                        reason=f"worker process {worker} exited with code {process.exitcode} "
+                        "while running this image",
+                    )
+                )
+
+
+def _settings_of(engine: LocalEngine) -> _WorkerSettings:
+    recorder = engine.recorder
+    return _WorkerSettings(
+        config=engine.config,
+        state_dir=str(recorder.store.state_dir.resolve()) if recorder is not None else None,
+        recorder_interval=recorder.interval if recorder is not None else 0.2,
+        moto_log_level=logging.getLogger("moto").level,
+    )
+
+
+def _parent_worker(
+    engine: LocalEngine,
+    inputs: list[InputFile],
+    out_dir: Path,
+    tasks: Any,
+    results: Any,
+    stop: threading.Event,
+) -> None:
+    while not stop.is_set():
+        index = tasks.get()
+        if index is None:
+            return
+        results.put(("taken", _PARENT, index))
+        try:
+            outcome = run_one(engine, inputs[index], out_dir)
+        except Exception:  # sent to the collector, which raises it
+            results.put(("error", _PARENT, index, traceback.format_exc()))
+            return
+        results.put(("done", _PARENT, index, outcome))
+
+
+def _no_work(*_: Any) -> None:
+    pass
+
+
+def _worker_main(
+    worker: int,
+    settings: _WorkerSettings,
+    inputs: list[InputFile],
+    out_dir: Path,
+    tasks: Any,
+    results: Any,
+) -> None:
+    """Run in a worker process: start an engine, then run queued inputs until the end marker."""
+    # Ctrl-C reaches every process of the terminal's group; the calling process handles it and
+    # stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("moto").setLevel(settings.moto_log_level)
+    engine = LocalEngine(settings.config, recorder=_recorder(settings))
+    engine.start()
+    invocations: dict[str, int] = {}
+    try:
+        results.put(("ready", worker))
+        while (index := tasks.get()) is not None:
+            results.put(("taken", worker, index))
+            try:
+                outcome = run_one(engine, inputs[index], out_dir)
+            except Exception:  # sent to the calling process, which raises it
+                results.put(("error", worker, index, traceback.format_exc()))
+                return
+            results.put(("done", worker, index, outcome))
+        invocations = dict(engine.dispatcher.invocations)
+    finally:
+        engine.stop()
+        if engine.recorder is not None:
+            engine.recorder.store.close()
+        results.put(("exit", worker, invocations))
+
+
+def _recorder(settings: _WorkerSettings) -> Any:
+    if settings.state_dir is None:
+        return None
+    from workflow.records import ExecutionStore, Recorder
+
+    return Recorder(ExecutionStore(settings.state_dir), interval=settings.recorder_interval)
+
+
+def _close_workers(processes: dict[int, Any], ready: set[int]) -> None:
+    """Let the READY workers stop their engines and exit; terminate the others.
+
+    After a complete batch, a worker that is not ready is still starting and holds no image.
+    After an error, READY is empty, so every worker stops at once.
+    """
+    for worker, process in processes.items():
+        if worker in ready:
+            process.join(timeout=_EXIT_GRACE)
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=5)
+
+
+def _merge_invocations(engine: LocalEngine, invocations: dict[str, int]) -> None:
+    # The calling engine's counters then cover the whole batch, as with one process.
+    with engine.dispatcher._lock:
+        for stage, count in invocations.items():
+            engine.dispatcher.invocations[stage] = engine.dispatcher.invocations.get(stage, 0) + count
