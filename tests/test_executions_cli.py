@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,83 @@ def test_replay_failed_resumes_and_exits_zero(tmp_path: Path) -> None:
 )
 def test_printable_escapes_control_characters(text: str, expected: str) -> None:
     assert printable(text) == expected
+
+
+def _control_characters(text: str) -> list[str]:
+    return [
+        char for char in text if char != "\n" and (ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0)
+    ]
+
+
+def test_executions_and_show_escape_control_characters(tmp_path: Path) -> None:
+    # GIVEN a failed run whose key, name, label and error carry terminal escape sequences
+    name = "evil\x1b]0;pwned\x07-1"
+    with ExecutionStore(tmp_path) as store:
+        store.add_execution(
+            ExecutionRecord(
+                name,
+                "arn:x",
+                "arn:sm",
+                "RUNNING",
+                {"detect": {"labels": [{"Name": "Cat\x9b2J"}]}},
+                T0,
+                source_bucket="labelmark-source",
+                source_key="clear\x1b[2J.jpg",
+                source_etag="e1",
+            )
+        )
+        store.append_events(
+            name,
+            [
+                {
+                    "id": 1,
+                    "previousEventId": 0,
+                    "type": "TaskStateEntered",
+                    "timestamp": T0,
+                    "stateEnteredEventDetails": {"name": "Store\x1b[1A", "input": "{}"},
+                },
+                {
+                    "id": 2,
+                    "previousEventId": 1,
+                    "type": "TaskScheduled",
+                    "timestamp": T0,
+                    "taskScheduledEventDetails": {"resourceType": "lambda"},
+                },
+                {
+                    "id": 3,
+                    "previousEventId": 2,
+                    "type": "TaskFailed",
+                    "timestamp": T0,
+                    "taskFailedEventDetails": {"error": "Bad\x1b[K", "cause": "line1\nline2\x7f"},
+                },
+            ],
+        )
+        store.finish(
+            name,
+            "FAILED",
+            stopped=T0,
+            error="Bad\x1b[K",
+            cause=json.dumps({"errorMessage": "boom\x1b[31m"}),
+        )
+
+    # WHEN the runs are listed and the run is shown
+    listed = CliRunner().invoke(
+        main, ["executions", "--state-dir", str(tmp_path)], env={"COLUMNS": "200"}
+    )
+    shown = CliRunner().invoke(
+        main, ["show", "--state-dir", str(tmp_path), name], env={"COLUMNS": "200"}
+    )
+
+    # THEN no control character reaches the terminal, and each shows as a visible escape
+    assert listed.exit_code == 0
+    assert _control_characters(listed.output) == []
+    assert "evil\\x1b]0;pwned\\x07-1" in listed.output
+    assert "clear\\x1b[2J.jpg" in listed.output
+    assert "Cat\\x9b2J" in listed.output
+    assert shown.exit_code == 0
+    assert _control_characters(shown.output) == []
+    assert shown.output.startswith("evil\\x1b]0;pwned\\x07-1  FAILED  attempt 1\n")
+    assert "s3://labelmark-source/clear\\x1b[2J.jpg" in shown.output
+    assert "error     Bad\\x1b[K: boom\\x1b[31m\n" in shown.output
+    assert "Store\\x1b[1A" in shown.output
+    assert "line1\\nline2\\x7f" in shown.output

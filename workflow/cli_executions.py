@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from workflow.display import printable
 from workflow.records import (
     FAILED_STATUSES,
     STATE_DIR_ENV,
@@ -93,6 +94,12 @@ def _require_arn(arn: str | None) -> str:
     return arn
 
 
+def _console_text(text: str) -> str:
+    # Keys, names, labels and errors come from uploads and AWS, so their terminal control
+    # characters are made visible and their Rich markup is escaped ("[red]" prints as written).
+    return escape(printable(text))
+
+
 def _time(value: dt.datetime | None) -> str:
     return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
@@ -139,7 +146,7 @@ def executions(
             aws.client(), _require_arn(state_machine_arn), status=status, since=started_after
         ):
             table.add_row(
-                escape(item["name"]),
+                _console_text(item["name"]),
                 _status(item["status"]),
                 _time(item.get("startDate")),
                 _time(item.get("stopDate")),
@@ -160,13 +167,13 @@ def executions(
     table = Table("Execution", "Status", "Key", "Labels", "Started (UTC)", "Duration", "Replay of")
     for record in records:
         table.add_row(
-            escape(record.name),
+            _console_text(record.name),
             _status(record.status),
-            escape(record.source_key or "-"),
-            escape(", ".join(record.labels[:3]) or "-"),
+            _console_text(record.source_key or "-"),
+            _console_text(", ".join(record.labels[:3]) or "-"),
             _time(record.started),
             _seconds(record.seconds),
-            escape(record.replay_of or "-"),
+            _console_text(record.replay_of or "-"),
         )
     console.print(table)
 
@@ -212,13 +219,13 @@ def _print_states(console: Console, runs: list[StateRun], started: dt.datetime) 
             else "cyan"
         )
         table.add_row(
-            escape(run.name),
-            run.state_type,
+            _console_text(run.name),
+            _console_text(run.state_type),
             f"[{style}]{run.status}[/{style}]",
             f"+{offset:.3f} s",
             _seconds(run.seconds),
             str(run.retries),
-            escape(error),
+            _console_text(error),
         )
     console.print(table)
 
@@ -262,21 +269,25 @@ def show(
 
 def _print_header(console: Console, record: ExecutionRecord) -> None:
     console.print(
-        f"[bold]{escape(record.name)}[/bold]  {_status(record.status)}  attempt {record.attempt}"
+        f"[bold]{_console_text(record.name)}[/bold]  {_status(record.status)}  attempt {record.attempt}"
     )
     if record.source_key:
         console.print(
-            f"source    s3://{escape(record.source_bucket or '')}/{escape(record.source_key)}  ETag {record.source_etag}"
+            f"source    s3://{_console_text(record.source_bucket or '')}/{_console_text(record.source_key)}  ETag {_console_text(record.source_etag or '-')}"
         )
     console.print(f"started   {_time(record.started)} UTC  duration {_seconds(record.seconds)}")
     if record.replay_of:
         start = f"from {record.resumed_from}" if record.resumed_from else "from the start"
-        console.print(f"replay of {escape(record.replay_of)} {start}")
+        console.print(f"replay of {_console_text(record.replay_of)} {start}")
     if record.error:
-        console.print(f"error     {escape(record.error)}: {escape(_message(record.cause))}")
+        console.print(
+            f"error     {_console_text(record.error)}: {_console_text(_message(record.cause))}"
+        )
     output = (record.output or {}).get("store", {}).get("output")
     if output:
-        console.print(f"output    s3://{escape(output['bucket'])}/{escape(output['key'])}")
+        console.print(
+            f"output    s3://{_console_text(output['bucket'])}/{_console_text(output['key'])}"
+        )
 
 
 def _show_cloud(console: Console, execution: str, state_machine_arn: str | None) -> None:
@@ -292,7 +303,7 @@ def _show_cloud(console: Console, execution: str, state_machine_arn: str | None)
     started = description["startDate"]
     stopped = description.get("stopDate")
     console.print(
-        f"[bold]{escape(description['name'])}[/bold]  {_status(description['status'])}  "
+        f"[bold]{_console_text(description['name'])}[/bold]  {_status(description['status'])}  "
         f"redrives {description.get('redriveCount', 0)}"
     )
     console.print(
@@ -300,7 +311,7 @@ def _show_cloud(console: Console, execution: str, state_machine_arn: str | None)
     )
     if description.get("error"):
         console.print(
-            f"error     {escape(description['error'])}: {escape(_message(description.get('cause')))}"
+            f"error     {_console_text(description['error'])}: {_console_text(_message(description.get('cause')))}"
         )
     _print_states(
         console, state_runs(cloud_event_records(aws.execution_history(sfn, arn))), started
@@ -407,15 +418,17 @@ def _replay_local(console: Console, store: ExecutionStore, names: list[str], dry
                 try:
                     if dry_run:
                         console.print(
-                            f"would replay {escape(plan_replay(engine, store, name).describe())}"
+                            f"would replay {_console_text(plan_replay(engine, store, name).describe())}"
                         )
                         continue
                     plan, result = replay_one(engine, store, name)
                 except ReplayError as exc:
-                    console.print(f"[red]cannot replay[/red] {escape(str(exc))}")
+                    console.print(f"[red]cannot replay[/red] {_console_text(str(exc))}")
                     ok = False
                     continue
-                console.print(f"replayed {escape(plan.describe())}: {_status(result.status)}")
+                console.print(
+                    f"replayed {_console_text(plan.describe())}: {_status(result.status)}"
+                )
                 ok = ok and result.status == "SUCCEEDED"
     return ok
 
@@ -448,20 +461,24 @@ def _replay_cloud(
     plans = aws.plan_replays(sfn, arns)
     if dry_run:
         for plan in plans:
-            console.print(f"would {plan.action} {escape(plan.name)} ({escape(plan.reason)})")
+            console.print(
+                f"would {plan.action} {_console_text(plan.name)} ({_console_text(plan.reason)})"
+            )
         return
     failed = False
     for outcome in aws.replay_all(sfn, plans, max_concurrency=max_concurrency):
         if outcome.error:
             failed = True
             console.print(
-                f"[red]{outcome.action} failed[/red] {escape(outcome.name)}: {escape(outcome.error)}"
+                f"[red]{outcome.action} failed[/red] {_console_text(outcome.name)}: {_console_text(outcome.error)}"
             )
         elif outcome.action == "skip":
-            console.print(f"skipped {escape(outcome.name)} ({escape(outcome.reason)})")
+            console.print(
+                f"skipped {_console_text(outcome.name)} ({_console_text(outcome.reason)})"
+            )
         else:
             console.print(
-                f"{outcome.action} {escape(outcome.name)}: {escape(outcome.new_execution_arn or '')}"
+                f"{outcome.action} {_console_text(outcome.name)}: {_console_text(outcome.new_execution_arn or '')}"
             )
     if failed:
         sys.exit(1)
