@@ -26,7 +26,12 @@ def sample_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     samples = root / "samples"
     write_samples(samples)
     out = root / "processed"
-    result = CliRunner().invoke(main, ["run", str(samples), "--out", str(out), "--workers", "2"])
+    # Module-scoped, so the per-test state folder of conftest.py is not set up yet.
+    result = CliRunner().invoke(
+        main,
+        ["run", str(samples), "--out", str(out), "--workers", "2"],
+        env={"LABELMARK_STATE_DIR": str(root / "state")},
+    )
     return result, out
 
 

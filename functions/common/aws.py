@@ -42,9 +42,11 @@ _THROTTLING_CODES = frozenset(
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"})
 
 # The state machine owns retrying, with backoff and a visible history, so the SDK makes a single
-# attempt per call in addition to its own standard-mode retry of connection resets.
+# attempt per call in addition to its own standard-mode retry of connection resets. The read
+# timeout stays well under the functions' own timeouts, so a stalled call ends as a typed,
+# retried UpstreamTimeoutError rather than a Lambda timeout.
 _CLIENT_CONFIG = Config(
-    retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30
+    retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=10
 )
 
 

@@ -90,6 +90,8 @@ def open_image(data: bytes, key: str, limits: ImageLimits) -> Image.Image:
         # Pillow does not report whether a WebP is lossless; the watermark stage keeps it so.
         image.info["lossless"] = _webp_is_lossless(data)
 
+    _check_complete(data, image.format, key)
+
     width, height = image.size
     if width < 1 or height < 1:
         raise CorruptImageError(f"'{key}' has an invalid size of {width}x{height} px")
@@ -105,10 +107,25 @@ def load_pixels(image: Image.Image, key: str) -> None:
     """Decode IMAGE fully, so that a truncated or damaged file fails here and is never published."""
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
         raise CorruptImageError(
             f"cannot decode '{key}': the {image.format} data is truncated or damaged ({exc})"
         ) from exc
+
+
+def _check_complete(data: bytes, image_format: str | None, key: str) -> None:
+    """Reject GIF and PNG files that lack their end marker.
+
+    Pillow decodes the frames it finds, so an animation cut between two frames would otherwise be
+    published with frames missing. A GIF ends with the trailer byte 0x3B and a PNG with its IEND
+    chunk (a 4-byte length, `IEND`, a 4-byte checksum).
+    """
+    if image_format == "GIF" and not data.rstrip(b"\x00").endswith(b"\x3b"):
+        raise CorruptImageError(f"cannot read '{key}': the GIF has no trailer, so it is truncated")
+    if image_format == "PNG" and b"IEND" not in data[-64:]:
+        raise CorruptImageError(
+            f"cannot read '{key}': the PNG has no IEND chunk, so it is truncated"
+        )
 
 
 def _webp_is_lossless(data: bytes) -> bool:

@@ -21,7 +21,10 @@ metrics = Metrics(namespace="labelmark", service="labelmark")
 def timed_stage(stage: str, *, bucket: str, key: str, execution: str | None) -> Iterator[None]:
     """Log one INFO line for STAGE with the object and execution, and emit its duration metric."""
     started = time.perf_counter()
-    logger.append_keys(stage=stage, bucket=bucket, key=key, execution=execution)
+    # Thread-local keys: the local engine runs several invocations in one process at once, and
+    # shared keys would let one run's log lines carry another run's key.
+    logger.thread_safe_clear_keys()
+    logger.thread_safe_append_keys(stage=stage, bucket=bucket, key=key, execution=execution)
     try:
         yield
     except Exception:

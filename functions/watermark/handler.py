@@ -44,7 +44,7 @@ def watermark(
         max_frames=settings.max_frames,
         max_pixels=settings.max_pixels,
     )
-    rendered = render(image, text, options)
+    rendered = render(image, text, options, key=source.key)
 
     key = staging_key(source)
     put_object(settings.processed_bucket, key, rendered.data, ContentType=rendered.content_type)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps, ImageSequence
 
-from functions.common.errors import ImageTooLargeError
+from functions.common.errors import CorruptImageError, ImageTooLargeError
 
 __all__ = [
     "RenderOptions",
@@ -27,6 +27,7 @@ __all__ = [
 # so the picture is enlarged first (the sidecar records the output size).
 MIN_SHORT_SIDE = 160
 MIN_FONT_PX = 12
+MAX_ENLARGED_SIDE = 4096  # the long side an enlargement of a small image may reach
 FONT_SCALE = 0.045  # font height as a share of the short side
 BAND_OPACITY = 0.55  # how far the band darkens the pixels under it, 0 to 1
 
@@ -47,7 +48,13 @@ _PRIVATE_EXIF_TAGS = (
 # Make, Model, Orientation, Software, DateTime, Artist, Copyright.
 _TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0112, 0x0131, 0x0132, 0x013B, 0x8298)
 
-_BLACK: dict[str, int | tuple[int, ...]] = {"RGB": (0, 0, 0), "RGBA": (0, 0, 0, 255), "L": 0, "LA": (0, 255), "CMYK": (0, 0, 0, 255)}
+_BLACK: dict[str, int | tuple[int, ...]] = {
+    "RGB": (0, 0, 0),
+    "RGBA": (0, 0, 0, 255),
+    "L": 0,
+    "LA": (0, 255),
+    "CMYK": (0, 0, 0, 255),
+}
 _WHITE: dict[str, int | tuple[int, ...]] = {
     "RGB": (255, 255, 255),
     "RGBA": (255, 255, 255, 255),
@@ -57,6 +64,8 @@ _WHITE: dict[str, int | tuple[int, ...]] = {
 }
 
 # Output format for each input format; MPO (a JPEG with extra frames from some cameras) becomes JPEG.
+# Formats whose every frame is watermarked and saved; PNG covers animated PNG (APNG).
+_ANIMATED_FORMATS = {"GIF", "WEBP", "TIFF", "PNG"}
 _OUTPUT_FORMAT = {
     "JPEG": "JPEG",
     "MPO": "JPEG",
@@ -105,28 +114,42 @@ def watermark_text(names: list[str], max_names: int = 3) -> str:
     return "  ·  ".join(names[:max_names]) if names else "no labels"
 
 
-def render(image: Image.Image, text: str, options: RenderOptions) -> RenderedImage:
+def render(
+    image: Image.Image, text: str, options: RenderOptions, *, key: str = "image"
+) -> RenderedImage:
     """Watermark IMAGE (opened, not necessarily loaded) with TEXT and encode it in its own format.
 
-    Every frame of an animated GIF or WebP and every page of a TIFF gets the band, and each
+    Every frame of an animated GIF, WebP or PNG and every page of a TIFF gets the band, and each
     frame keeps its own duration and the animation its loop count. Other multi-frame inputs (MPO,
-    HEIC with several images) publish their primary image only.
+    HEIC with several images) publish their primary image only. KEY names the image in errors.
     """
     source_format = image.format or "PNG"
     output_format = _OUTPUT_FORMAT.get(source_format, "PNG")
-    frame_count = getattr(image, "n_frames", 1) if output_format in {"GIF", "WEBP", "TIFF"} else 1
-    _check_frames(image, frame_count, options)
+    frame_count = _frame_count(image, key) if output_format in _ANIMATED_FORMATS else 1
+    _check_frames(image, frame_count, options, key)
 
     icc_profile = image.info.get("icc_profile")
 
     durations: list[int] = []
     if frame_count > 1:
         frames = []
-        for frame in ImageSequence.Iterator(image):
-            # A frame's duration is known only once it is loaded, which copy() does.
-            loaded = frame.copy()
-            durations.append(int(loaded.info.get("duration", 0) or 0))
-            frames.append(_watermark_frame(loaded, text))
+        total_pixels = 0
+        try:
+            for index, frame in enumerate(ImageSequence.Iterator(image)):
+                # Frames and pages can each declare their own size, so every one is checked
+                # before it is decoded, not only the first.
+                total_pixels += frame.width * frame.height
+                _check_frame_size(frame, index, total_pixels, options, key)
+                loaded = _load_frame(frame, index, key)
+                # A frame's duration is known only once it is loaded.
+                durations.append(int(loaded.info.get("duration", 0) or 0))
+                frames.append(_watermark_frame(loaded, text))
+        except (OSError, SyntaxError, ValueError, TypeError, EOFError) as exc:
+            # Moving to the next frame parses its header, which fails on a cut or damaged file.
+            raise CorruptImageError(
+                f"cannot decode '{key}' after frame {len(frames)}: the {source_format} data is "
+                f"truncated or damaged ({exc})"
+            ) from exc
     else:
         frames = [_watermark_frame(image, text)]
     # Read only now: the frames are turned upright first, and that needs the orientation tag
@@ -139,7 +162,7 @@ def render(image: Image.Image, text: str, options: RenderOptions) -> RenderedIma
     save_args = _save_arguments(image, first, output_format, options, icc_profile, exif)
     if len(frames) > 1:
         save_args.update(save_all=True, append_images=frames[1:])
-        if output_format in {"GIF", "WEBP"}:
+        if output_format in {"GIF", "WEBP", "PNG"}:
             save_args["duration"] = durations
 
     buffer = io.BytesIO()
@@ -165,14 +188,23 @@ def draw_band(image: Image.Image, text: str) -> Image.Image:
 
     band_height = min(height, math.ceil(font.size * 1.7))
     box = (0, height - band_height, width, height)
-    band = image.crop(box)
-    dark = Image.new(image.mode, band.size, _BLACK[image.mode])
-    image.paste(Image.blend(band, dark, BAND_OPACITY), box)
+    image.paste(_darken(image.crop(box)), box)
 
     draw = ImageDraw.Draw(image)
     text_top = height - band_height + (band_height - font.size) // 2
     draw.text((_padding(font_px), text_top), line, font=font, fill=_WHITE[image.mode])
     return image
+
+
+def _darken(band: Image.Image) -> Image.Image:
+    """Return BAND with a translucent black layer over it."""
+    if band.mode in {"RGBA", "LA"}:
+        # Blending would scale the colour of fully transparent pixels too and then make them
+        # partly opaque, revealing whatever colour they hid; compositing a black layer does not.
+        layer = Image.new("RGBA", band.size, (0, 0, 0, round(255 * BAND_OPACITY)))
+        return Image.alpha_composite(band.convert("RGBA"), layer).convert(band.mode)
+    dark = Image.new(band.mode, band.size, _BLACK[band.mode])
+    return Image.blend(band, dark, BAND_OPACITY)
 
 
 def _watermark_frame(frame: Image.Image, text: str) -> Image.Image:
@@ -182,7 +214,12 @@ def _watermark_frame(frame: Image.Image, text: str) -> Image.Image:
     )
     assert transposed is not None
     if min(transposed.size) < MIN_SHORT_SIDE:
-        scale = math.ceil(MIN_SHORT_SIDE / min(transposed.size))
+        # A thin strip (say 1x40000) cannot get a readable band without a huge enlargement, so
+        # the long side caps the scale and such a strip is published at a modest size.
+        scale = min(
+            math.ceil(MIN_SHORT_SIDE / min(transposed.size)),
+            max(1, MAX_ENLARGED_SIDE // max(transposed.size)),
+        )
         transposed = transposed.resize(
             (transposed.width * scale, transposed.height * scale), Image.Resampling.LANCZOS
         )
@@ -243,17 +280,49 @@ def _padding(font_px: int) -> int:
     return max(4, font_px // 2)
 
 
-def _check_frames(image: Image.Image, frame_count: int, options: RenderOptions) -> None:
+def _check_frames(image: Image.Image, frame_count: int, options: RenderOptions, key: str) -> None:
     if frame_count > options.max_frames:
         raise ImageTooLargeError(
-            f"image has {frame_count} frames, the limit is {options.max_frames} frames"
+            f"'{key}' has {frame_count} frames, the limit is {options.max_frames} frames"
         )
     total = frame_count * image.width * image.height
     if total > options.max_pixels:
         raise ImageTooLargeError(
-            f"image has {frame_count} frames of {image.width}x{image.height} px "
+            f"'{key}' has {frame_count} frames of {image.width}x{image.height} px "
             f"({total / 1e6:.1f} megapixels in all), the limit is {options.max_pixels / 1e6:g} megapixels"
         )
+
+
+def _frame_count(image: Image.Image, key: str) -> int:
+    try:
+        # Counting frames walks every frame header, which fails on a cut or damaged file.
+        return int(getattr(image, "n_frames", 1))
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as exc:
+        raise CorruptImageError(
+            f"cannot read the frames of '{key}': the {image.format} data is truncated or "
+            f"damaged ({exc})"
+        ) from exc
+
+
+def _check_frame_size(
+    frame: Image.Image, index: int, total_pixels: int, options: RenderOptions, key: str
+) -> None:
+    if total_pixels > options.max_pixels:
+        raise ImageTooLargeError(
+            f"'{key}' frame {index + 1} is {frame.width}x{frame.height} px, which brings the "
+            f"frames to {total_pixels / 1e6:.1f} megapixels in all; the limit is "
+            f"{options.max_pixels / 1e6:g} megapixels"
+        )
+
+
+def _load_frame(frame: Image.Image, index: int, key: str) -> Image.Image:
+    try:
+        return frame.copy()
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as exc:
+        raise CorruptImageError(
+            f"cannot decode '{key}' frame {index + 1}: the {frame.format or 'image'} data is "
+            f"truncated or damaged ({exc})"
+        ) from exc
 
 
 def _public_exif(image: Image.Image, *, keep_private: bool, tiff: bool = False) -> bytes | None:

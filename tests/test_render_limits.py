@@ -1,0 +1,97 @@
+"""Limits and damage found in later frames, thin strips and transparent pixels under the band."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from functions.common.errors import CorruptImageError, ImageTooLargeError
+from functions.common.imaging import ImageLimits, load_pixels, open_image
+from functions.watermark.render import MAX_ENLARGED_SIDE, RenderOptions, render
+
+
+def _encode(image: Image.Image, image_format: str, **save: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **save)
+    return buffer.getvalue()
+
+
+def _render(data: bytes, key: str, options: RenderOptions | None = None) -> Image.Image:
+    image = open_image(data, key, ImageLimits())
+    load_pixels(image, key)
+    rendered = render(image, "Cat", options or RenderOptions(), key=key)
+    return Image.open(io.BytesIO(rendered.data))
+
+
+def test_thin_strip_is_not_enlarged_past_cap() -> None:
+    # A 1x40000 PNG would need a 160x enlargement (6.4 billion pixels) to reach 160 px wide.
+    strip = _encode(Image.new("RGB", (1, 40000), (128, 128, 128)), "PNG")
+
+    published = _render(strip, "thin.png")
+
+    assert max(published.size) <= max(40000, MAX_ENLARGED_SIDE)
+    assert published.width * published.height <= 40000 * 2
+
+
+def test_small_image_is_enlarged_for_band() -> None:
+    published = _render(_encode(Image.new("RGB", (40, 30), (10, 200, 10)), "PNG"), "tiny.png")
+
+    assert min(published.size) >= 160
+
+
+def test_tiff_page_over_pixel_limit_is_rejected() -> None:
+    # GIVEN a TIFF whose first page is small and whose second page is large
+    pages = [Image.new("L", (100, 100)), Image.new("L", (3000, 3000))]
+    data = _encode(
+        pages[0], "TIFF", save_all=True, append_images=pages[1:], compression="tiff_adobe_deflate"
+    )
+
+    # WHEN it is rendered with a 5-megapixel limit THEN the second page is rejected by name
+    with pytest.raises(ImageTooLargeError, match=r"'pages\.tif' frame 2 is 3000x3000 px"):
+        _render(data, "pages.tif", RenderOptions(max_pixels=5_000_000))
+
+
+def test_gif_without_trailer_is_rejected() -> None:
+    frames = [Image.new("P", (60, 40), index) for index in range(4)]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+
+    with pytest.raises(CorruptImageError, match=r"'cut\.gif'.* no trailer"):
+        open_image(data[:-1], "cut.gif", ImageLimits())
+
+
+def test_png_without_iend_is_rejected() -> None:
+    data = _encode(Image.new("RGB", (200, 200), (1, 2, 3)), "PNG")
+
+    with pytest.raises(CorruptImageError, match=r"'cut\.png'.* no IEND chunk"):
+        open_image(data[: len(data) - 20], "cut.png", ImageLimits())
+
+
+def test_cut_tiff_fails_as_corrupt_image() -> None:
+    pages = [Image.new("RGB", (120, 90), (index * 60, 0, 0)) for index in range(3)]
+    data = _encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+
+    with pytest.raises(CorruptImageError, match=r"'cut\.tif'"):
+        _render(data[: int(len(data) * 0.6)], "cut.tif")
+
+
+def test_animated_png_keeps_every_frame() -> None:
+    frames = [Image.new("RGB", (200, 160), (index * 60, 0, 0)) for index in range(4)]
+    data = _encode(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=80, loop=0)
+
+    published = _render(data, "anim.png")
+
+    assert published.format == "PNG"
+    assert getattr(published, "n_frames", 1) == 4
+
+
+def test_band_keeps_hidden_colour_of_transparent_pixels_hidden() -> None:
+    # GIVEN fully transparent pixels that still carry a colour
+    data = _encode(Image.new("RGBA", (300, 200), (178, 118, 72, 0)), "PNG")
+
+    published = _render(data, "cutout.png")
+
+    # THEN the band over them is translucent black, not a darkened copy of the hidden colour
+    assert published.getpixel((2, 198)) == (0, 0, 0, 140)
+    assert published.getpixel((2, 2)) == (178, 118, 72, 0)
