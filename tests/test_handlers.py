@@ -191,3 +191,86 @@ def test_sidecar_key_stays_within_s3_limit() -> None:
     assert sidecar.endswith(".labels.json")
     assert sidecar != sidecar_key(other_key)
     assert sidecar_key("watermarked-a.jpg") == "watermarked-a.jpg.labels.json"
+
+
+def _stage_for(
+    buckets: Any, key: str, sequencer: str, color: tuple[int, int, int]
+) -> dict[str, Any]:
+    """Upload KEY with one colour and run detect and watermark for it; return the store input."""
+    from functions.detect.handler import handler as detect
+    from functions.watermark.handler import handler as watermark
+
+    body = jpeg_bytes(color=color)
+    etag = buckets.put_object(Bucket="in-bucket", Key=key, Body=body)["ETag"].strip('"')
+    event = object_created_event("in-bucket", encode_key(key), len(body), etag, sequencer=sequencer)
+    detected = detect({"event": event}, _Context())
+    staged = watermark({"source": detected["source"], "labels": detected["labels"]}, _Context())
+    return {**detected, **staged}
+
+
+def test_store_keeps_newer_upload_published(buckets: Any) -> None:
+    from functions.store.handler import handler as store
+
+    # GIVEN an older upload whose store step runs after a newer upload was published
+    older = _stage_for(buckets, "photo.jpg", "0055AED6DCD90281E5", (255, 0, 0))
+    newer = _stage_for(buckets, "photo.jpg", "0055AED6DCD90281E6", (0, 0, 255))
+    store(newer, _Context())
+
+    # WHEN the older run publishes
+    result = store(older, _Context())
+
+    # THEN the newer image stays, with its own labels file, and the older staging object is gone
+    head = buckets.head_object(Bucket="out-bucket", Key="watermarked-photo.jpg")
+    sidecar = json.loads(
+        buckets.get_object(Bucket="out-bucket", Key="watermarked-photo.jpg.labels.json")[
+            "Body"
+        ].read()
+    )
+    staging = buckets.list_objects_v2(Bucket="out-bucket", Prefix="labelmark-staging/")
+    assert result["superseded"] is True
+    assert head["Metadata"]["source-sequencer"] == "0055AED6DCD90281E6"
+    assert sidecar["source"]["sequencer"] == "0055AED6DCD90281E6"
+    assert "Contents" not in staging
+
+
+def test_store_publishes_key_with_newline(buckets: Any) -> None:
+    from functions.store.handler import handler as store
+
+    result = store(_stage_for(buckets, "two\nlines.jpg", "01", (9, 9, 9)), _Context())
+
+    head = buckets.head_object(Bucket="out-bucket", Key="watermarked-two\nlines.jpg")
+    assert result["output"]["key"] == "watermarked-two\nlines.jpg"
+    assert head["Metadata"]["source-key"] == "two%0Alines.jpg"
+
+
+def test_store_rejects_key_ending_in_sidecar_suffix(buckets: Any) -> None:
+    from functions.common.errors import InvalidKeyError
+    from functions.store.handler import handler as store
+
+    staged = _stage_for(buckets, "x.jpg.labels.json", "01", (9, 9, 9))
+
+    with pytest.raises(InvalidKeyError, match=r"'x\.jpg\.labels\.json' ends in '\.labels\.json'"):
+        store(staged, _Context())
+    assert "Contents" not in buckets.list_objects_v2(Bucket="out-bucket", Prefix="watermarked-")
+
+
+def test_store_succeeds_when_staging_delete_is_denied(buckets: Any) -> None:
+    from botocore.exceptions import ClientError
+
+    from functions.store.handler import handler as store
+
+    staged = _stage_for(buckets, "kept.jpg", "01", (9, 9, 9))
+
+    def deny(**_: Any) -> None:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}}, "DeleteObject")
+
+    buckets.meta.events.register("before-call.s3.DeleteObject", deny)
+    try:
+        result = store(staged, _Context())
+    finally:
+        buckets.meta.events.unregister("before-call.s3.DeleteObject", deny)
+
+    keys = [item["Key"] for item in buckets.list_objects_v2(Bucket="out-bucket")["Contents"]]
+    assert result["output"]["key"] == "watermarked-kept.jpg"
+    assert "watermarked-kept.jpg" in keys
+    assert "watermarked-kept.jpg.labels.json" in keys

@@ -14,6 +14,7 @@ from functions.common.events import SourceObject
 __all__ = [
     "FAILURE_PREFIX",
     "S3_MAX_KEY_BYTES",
+    "SIDECAR_SUFFIX",
     "STAGING_PREFIX",
     "execution_name",
     "failure_key",
@@ -26,7 +27,7 @@ __all__ = [
 S3_MAX_KEY_BYTES = 1024
 STAGING_PREFIX = "labelmark-staging/"
 FAILURE_PREFIX = "labelmark-failures/"
-_SIDECAR_SUFFIX = ".labels.json"
+SIDECAR_SUFFIX = ".labels.json"
 
 # Step Functions execution names: 1 to 80 characters, none of whitespace, brackets, wildcards,
 # `" # % \ ^ | ~ ` $ & , ; : /`, or control characters. Non-ASCII letters are allowed by the
@@ -46,13 +47,13 @@ def sidecar_key(image_key: str) -> str:
     It is the image key plus `.labels.json`, except where that would pass S3's 1,024-byte key
     limit: then the image key is cut and a digest of the whole key keeps the name unique.
     """
-    key = f"{image_key}{_SIDECAR_SUFFIX}"
+    key = f"{image_key}{SIDECAR_SUFFIX}"
     if len(key.encode("utf-8")) <= S3_MAX_KEY_BYTES:
         return key
     digest = hashlib.sha256(image_key.encode("utf-8")).hexdigest()[:16]
-    room = S3_MAX_KEY_BYTES - len(_SIDECAR_SUFFIX) - len(digest) - 1
+    room = S3_MAX_KEY_BYTES - len(SIDECAR_SUFFIX) - len(digest) - 1
     head = image_key.encode("utf-8")[:room].decode("utf-8", "ignore")
-    return f"{head}~{digest}{_SIDECAR_SUFFIX}"
+    return f"{head}~{digest}{SIDECAR_SUFFIX}"
 
 
 def staging_key(source: SourceObject) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 from functions.common.aws import client, translate_aws_error
 from functions.common.errors import InvalidKeyError, SourceNotFoundError
 from functions.common.events import SourceObject
-from functions.common.keys import S3_MAX_KEY_BYTES, output_key, sidecar_key
+from functions.common.keys import S3_MAX_KEY_BYTES, SIDECAR_SUFFIX, output_key, sidecar_key
 from functions.common.observability import logger, metrics, timed_stage
 from functions.common.s3io import check_buckets_differ, put_object
 from functions.store.settings import StoreSettings, load_settings
@@ -39,13 +40,20 @@ def store(
     *,
     s3: Any = None,
 ) -> dict[str, Any]:
-    """Copy the staged image to its published key, write the sidecar and delete the staging object.
+    """Write the sidecar, copy the staged image to its published key and delete the staging object.
 
     Running it again after it succeeded finds the staging object gone and the published image
     already carrying this source's ETag, and returns the same result without writing anything.
+    A run for an older upload of the same key (a lower S3 event sequencer than the published
+    one) publishes nothing, so an overwrite is never undone by a slow earlier run.
     """
     s3 = s3 or client("s3")
     check_buckets_differ(source.bucket, settings.processed_bucket)
+    if source.key.endswith(SIDECAR_SUFFIX):
+        raise InvalidKeyError(
+            f"'{source.key}' ends in '{SIDECAR_SUFFIX}', which is reserved for the label files "
+            "published next to each image; rename the upload"
+        )
     image_key = output_key(source.key, settings.output_prefix)
     image_bytes = len(image_key.encode("utf-8"))
     if image_bytes > S3_MAX_KEY_BYTES:
@@ -66,15 +74,44 @@ def store(
         "source-bucket": _ascii(source.bucket),
         "source-key": _ascii(source.key),
         "source-etag": source.etag or "",
+        "source-sequencer": source.sequencer or "",
     }
 
+    published = _published_metadata(s3, settings.processed_bucket, image_key)
     if not _exists(s3, staged["bucket"], staged["key"]):
-        if _already_published(s3, settings.processed_bucket, image_key, source):
+        if published is not None and published.get("source-etag", "") == (source.etag or ""):
             return result
         raise SourceNotFoundError(
             f"staged image s3://{staged['bucket']}/{staged['key']} for '{source.key}' is gone "
             "and no published copy of this upload exists; run the watermark stage again"
         )
+    # NOTE: S3 offers no conditional CopyObject here, so two runs that pass this check at the same
+    # moment can still publish in either order; the check closes the common case of a slow run.
+    if published is not None and _is_older(source.sequencer, published.get("source-sequencer")):
+        logger.warning(
+            "upload superseded by a newer one; nothing published",
+            extra={"published_sequencer": published.get("source-sequencer")},
+        )
+        _delete_staging(s3, staged)
+        return {**result, "superseded": True}
+
+    sidecar = {
+        "source": source.to_dict(),
+        "output": {"bucket": settings.processed_bucket, "key": image_key},
+        "image": {
+            name: staged.get(name) for name in ("format", "width", "height", "frames", "text")
+        },
+        "labels": labels,
+    }
+    # The sidecar goes first: if the copy then fails, the retry rewrites both, and a reader never
+    # finds a new image without its labels.
+    put_object(
+        settings.processed_bucket,
+        sidecar_key(image_key),
+        json.dumps(sidecar, ensure_ascii=False, indent=2).encode("utf-8"),
+        s3=s3,
+        ContentType="application/json",
+    )
 
     try:
         s3.copy_object(
@@ -90,26 +127,7 @@ def store(
             exc, f"publishing s3://{settings.processed_bucket}/{image_key}"
         ) from exc
 
-    sidecar = {
-        "source": source.to_dict(),
-        "output": {"bucket": settings.processed_bucket, "key": image_key},
-        "image": {
-            name: staged.get(name) for name in ("format", "width", "height", "frames", "text")
-        },
-        "labels": labels,
-    }
-    put_object(
-        settings.processed_bucket,
-        sidecar_key(image_key),
-        json.dumps(sidecar, ensure_ascii=False, indent=2).encode("utf-8"),
-        s3=s3,
-        ContentType="application/json",
-    )
-
-    try:
-        s3.delete_object(Bucket=staged["bucket"], Key=staged["key"])
-    except Exception as exc:
-        raise translate_aws_error(exc, f"deleting s3://{staged['bucket']}/{staged['key']}") from exc
+    _delete_staging(s3, staged)
     return result
 
 
@@ -126,8 +144,32 @@ def labels_metadata(labels: list[dict[str, Any]]) -> str:
 
 
 def _ascii(value: str) -> str:
-    # S3 returns non-ASCII metadata values RFC 2047-encoded, so they are escaped here instead.
-    return value.encode("ascii", "backslashreplace").decode("ascii")[:512]
+    # Metadata travels as HTTP headers: S3 returns non-ASCII values RFC 2047-encoded and rejects
+    # control characters, so values are percent-encoded as UTF-8 (readable for plain keys).
+    return quote(value, safe=" /!$&'()*+,;=:@[]~")[:1024]
+
+
+def _delete_staging(s3: Any, staged: dict[str, Any]) -> None:
+    """Delete the staging object; a failure only leaves it to the bucket's lifecycle rule."""
+    try:
+        s3.delete_object(Bucket=staged["bucket"], Key=staged["key"])
+    except Exception as exc:
+        # The image is published by now, so failing the run would report a success as a failure.
+        logger.warning(
+            "staging object not deleted: %s", translate_aws_error(exc, "deleting staging object")
+        )
+
+
+def _is_older(sequencer: str | None, published_sequencer: str | None) -> bool:
+    """Return True when SEQUENCER orders before PUBLISHED_SEQUENCER.
+
+    S3 sequencers are hexadecimal strings of varying length, compared after padding the shorter
+    one with leading zeros; either being empty means the order is unknown.
+    """
+    if not sequencer or not published_sequencer:
+        return False
+    width = max(len(sequencer), len(published_sequencer))
+    return sequencer.upper().rjust(width, "0") < published_sequencer.upper().rjust(width, "0")
 
 
 def _exists(s3: Any, bucket: str, key: str) -> bool:
@@ -141,12 +183,13 @@ def _exists(s3: Any, bucket: str, key: str) -> bool:
     return True
 
 
-def _already_published(s3: Any, bucket: str, key: str, source: SourceObject) -> bool:
+def _published_metadata(s3: Any, bucket: str, key: str) -> dict[str, str] | None:
+    """Return the user metadata of the published image at KEY, or None when there is none."""
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
     except Exception as exc:
         error = translate_aws_error(exc, f"checking s3://{bucket}/{key}")
         if isinstance(error, SourceNotFoundError):
-            return False
+            return None
         raise error from exc
-    return head.get("Metadata", {}).get("source-etag", "") == (source.etag or "")
+    return dict(head.get("Metadata", {}))
