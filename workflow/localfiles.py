@@ -8,6 +8,8 @@ percent-encoded, and `%` itself is encoded, so two different keys never map to t
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 __all__ = ["key_to_path", "write_object"]
@@ -27,12 +29,34 @@ def key_to_path(root: Path, key: str) -> Path:
 
 
 def write_object(root: Path, key: str, data: bytes) -> Path:
-    """Write DATA to the file for KEY under ROOT, creating folders, and return its path."""
+    """Write DATA to the file for KEY under ROOT, creating folders, and return its path.
+
+    S3 can hold both `a` and `a/b`, but a file system cannot have a file and a folder of one
+    name. When KEY meets such a clash, its file goes to a sibling named with a `~` and a digest
+    of the whole key, so neither object is lost or overwritten.
+    """
     path = key_to_path(root, key)
+    try:
+        return _write_file(path, data)
+    except (FileExistsError, IsADirectoryError, NotADirectoryError):
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+        parts = [_component(part) for part in key.split("/")]
+        # The parts are already encoded and contain no `/`, so the name stays directly in ROOT.
+        name = f"{'~'.join(parts)[: _MAX_COMPONENT_BYTES - 40]}~{digest}"
+        return _write_file(root / name, data)
+
+
+def _write_file(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_bytes(data)
-    temporary.replace(path)
+    # A short temporary name, so a name at the file system's limit still has room.
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -40,8 +64,6 @@ def _component(part: str) -> str:
     if part in {"", ".", ".."}:
         return "".join(f"%{ord(char):02X}" for char in part) or "%"
     encoded = "".join(f"%{ord(char):02X}" if char in _UNSAFE else char for char in part)
-    if encoded.endswith(".partial"):
-        encoded = encoded[:-8] + "%2Epartial"
     if len(encoded.encode("utf-8")) > _MAX_COMPONENT_BYTES:
         # Keep a readable start and make the name unique with a digest of the whole part.
         digest = hashlib.sha256(part.encode("utf-8")).hexdigest()[:16]
