@@ -296,3 +296,36 @@ def test_executions_and_show_escape_control_characters(tmp_path: Path) -> None:
     assert "error     Bad\\x1b[K: boom\\x1b[31m\n" in shown.output
     assert "Store\\x1b[1A" in shown.output
     assert "line1\\nline2\\x7f" in shown.output
+
+
+def test_replay_after_success_skips_run(tmp_path: Path) -> None:
+    # GIVEN a run that failed at Store and was then replayed successfully
+    def hook(stage: str, event: dict) -> None:
+        if stage == "store":
+            raise InjectedFault("off")
+
+    config = EngineConfig(detector="rekognition", real_rekognition=False)
+    with (
+        ExecutionStore(tmp_path) as store,
+        LocalEngine(config, fault_hook=hook, recorder=Recorder(store)) as engine,
+    ):
+        name = engine.run(engine.upload("dog.jpg", jpeg_bytes())).name
+    first = CliRunner().invoke(main, ["replay", name, "--state-dir", str(tmp_path)])
+
+    # WHEN the first run is named again, as a dry run and for real, and with --failed
+    dry = CliRunner().invoke(main, ["replay", name, "--dry-run", "--state-dir", str(tmp_path)])
+    again = CliRunner().invoke(main, ["replay", name, "--state-dir", str(tmp_path)])
+    failed = CliRunner().invoke(main, ["replay", "--failed", "--state-dir", str(tmp_path)])
+
+    # THEN each is skipped with exit status 0, and no third attempt is recorded
+    assert first.exit_code == 0
+    assert first.output.endswith(": SUCCEEDED\n")
+    skipped = f"skipped {name}: already replayed successfully as {name}-r2\n"
+    assert dry.exit_code == 0
+    assert dry.output == skipped
+    assert again.exit_code == 0
+    assert again.output == skipped
+    assert failed.exit_code == 0
+    assert failed.output == "no failed executions to replay\n"
+    with ExecutionStore(tmp_path) as store:
+        assert store.get(f"{name}-r3") is None

@@ -113,3 +113,41 @@ def test_store_marks_dead_process_runs_aborted(tmp_path: Path) -> None:
     assert record is not None
     assert record.status == "ABORTED"
     assert record.error == "labelmark.EngineStopped"
+
+
+def test_claim_replay_allows_one_claim(tmp_path: Path) -> None:
+    with ExecutionStore(tmp_path) as store:
+        # GIVEN a claim on run-1 for run-1-r2
+        assert store.claim_replay("run-1", "run-1-r2") is None
+
+        # WHEN another replay claims run-1, THEN the first claim's replay is returned
+        assert store.claim_replay("run-1", "run-1-r3") == "run-1-r2"
+        assert store.replay_claim("run-1") == "run-1-r2"
+
+        # WHEN the first claim is released, THEN run-1 can be claimed again
+        store.release_replay("run-1", "run-1-r2")
+        assert store.replay_claim("run-1") is None
+        assert store.claim_replay("run-1", "run-1-r3") is None
+
+
+def test_claim_replay_takes_over_stale_claim(tmp_path: Path) -> None:
+    with ExecutionStore(tmp_path) as store:
+        # GIVEN two claims of an ended process: run-2's replay was recorded, run-1's never was
+        store.claim_replay("run-1", "run-1-r2")
+        store.claim_replay("run-2", "run-2-r2")
+        store.add_execution(
+            ExecutionRecord(
+                "run-2-r2", "arn:run-2-r2", "arn:sm", "FAILED", {}, dt.datetime.now(dt.UTC)
+            )
+        )
+        with store._transaction() as connection:
+            connection.execute("UPDATE replay_claims SET owner_pid = ?", (2**22 + os.getpid(),))
+
+        # WHEN both runs are claimed again
+        run_1_holder = store.claim_replay("run-1", "run-1-r3")
+        run_2_holder = store.claim_replay("run-2", "run-2-r3")
+
+        # THEN the claim whose replay never started is taken over, the other one stays
+        assert run_1_holder is None
+        assert store.replay_claim("run-1") == "run-1-r3"
+        assert run_2_holder == "run-2-r2"

@@ -9,7 +9,18 @@ import pytest
 from tests.conftest import jpeg_bytes
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.records import ExecutionStore, Recorder
-from workflow.replay import ReplayError, derive_definition, replay, replay_candidates
+from workflow.replay import (
+    AlreadyReplayed,
+    ReplayError,
+    ReplayInProgress,
+    ReplayNotFound,
+    claim,
+    derive_definition,
+    plan_replay,
+    replay,
+    replay_candidates,
+    run_claimed,
+)
 
 CONFIG = EngineConfig(detector="rekognition", real_rekognition=False)
 
@@ -122,3 +133,104 @@ def test_replay_rejects_succeeded_run(tmp_path: Path) -> None:
 def test_derive_definition_rejects_unknown_state() -> None:
     with pytest.raises(ReplayError, match="state 'Nope' is not in the state machine"):
         derive_definition('{"StartAt": "A", "States": {"A": {"Type": "Succeed"}}}', "Nope")
+
+
+def test_replay_after_successful_replay_is_skipped(tmp_path: Path) -> None:
+    # GIVEN a run that failed at Store and a replay of it that succeeded
+    store = ExecutionStore(tmp_path)
+    name = _failed_run(store, "store")
+    with LocalEngine(CONFIG, recorder=Recorder(store)) as engine:
+        replay(engine, store, name)
+
+    # WHEN the first run is replayed again
+    with LocalEngine(CONFIG, recorder=Recorder(store)) as engine:
+        with pytest.raises(
+            AlreadyReplayed, match=rf"^{name} already replayed successfully as {name}-r2$"
+        ) as raised:
+            replay(engine, store, name)
+        invocations = dict(engine.dispatcher.invocations)
+
+    # THEN nothing runs, no third attempt is recorded and --failed selects nothing
+    assert raised.value.succeeded == f"{name}-r2"
+    assert invocations == {}
+    assert store.get(f"{name}-r3") is None
+    assert [record.name for record in store.attempts(name)] == [name, f"{name}-r2"]
+    assert replay_candidates(store) == []
+
+
+def test_replay_of_first_run_continues_from_latest_attempt(tmp_path: Path) -> None:
+    # GIVEN a run that failed at Watermark and a replay of it that failed there too
+    store = ExecutionStore(tmp_path)
+    name = _failed_run(store, "watermark")
+    with LocalEngine(CONFIG, fault_hook=_failing("watermark"), recorder=Recorder(store)) as engine:
+        _, second = replay(engine, store, name)
+    assert second.status == "FAILED"
+
+    # WHEN the first run is named again once the cause is gone
+    with LocalEngine(CONFIG, recorder=Recorder(store)) as engine:
+        plan, third = replay(engine, store, name)
+
+    # THEN the replay continues from attempt 2, the latest, as attempt 3
+    assert plan.original.name == f"{name}-r2"
+    assert plan.resume_from == "Watermark"
+    assert third.status == "SUCCEEDED"
+    record = store.get(f"{name}-r3")
+    assert record is not None
+    assert record.replay_of == f"{name}-r2"
+    assert record.attempt == 3
+    assert replay_candidates(store) == []
+
+
+def test_replay_claim_rejects_second_replay(tmp_path: Path) -> None:
+    # GIVEN two replays of one failed run, planned before either started
+    store = ExecutionStore(tmp_path)
+    name = _failed_run(store, "watermark")
+    with LocalEngine(CONFIG, recorder=Recorder(store)) as engine:
+        first = plan_replay(engine, store, name)
+        second = plan_replay(engine, store, name)
+
+        # WHEN the first claims the run
+        claim(store, first)
+
+        # THEN the second is rejected with the name of the first, and so is a new plan
+        with pytest.raises(ReplayInProgress, match=rf"being replayed as {name}-r2") as raised:
+            claim(store, second)
+        assert raised.value.running == f"{name}-r2"
+        with pytest.raises(ReplayInProgress, match=rf"being replayed as {name}-r2"):
+            plan_replay(engine, store, name)
+
+        # WHEN the first replay runs, THEN it succeeds and the chain is done
+        result = run_claimed(engine, store, first)
+        assert result.status == "SUCCEEDED"
+        with pytest.raises(AlreadyReplayed):
+            plan_replay(engine, store, name)
+
+
+def test_replay_claim_released_when_start_fails(tmp_path: Path) -> None:
+    # GIVEN a claimed replay whose execution cannot start
+    store = ExecutionStore(tmp_path)
+    name = _failed_run(store, "watermark")
+    with LocalEngine(CONFIG, recorder=Recorder(store)) as engine:
+        plan = plan_replay(engine, store, name)
+        claim(store, plan)
+
+        def broken_start(**kwargs: object) -> None:
+            raise RuntimeError("start_execution disabled by the test")
+
+        with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="disabled"):
+            patch.setattr(engine.sfn, "start_execution", broken_start)
+            run_claimed(engine, store, plan)
+
+        # WHEN the run is replayed again, THEN the claim is free and the replay succeeds
+        _, result = replay(engine, store, name)
+    assert result.status == "SUCCEEDED"
+    assert result.name == f"{name}-r2"
+
+
+def test_replay_unknown_name_raises_not_found(tmp_path: Path) -> None:
+    store = ExecutionStore(tmp_path)
+    with (
+        LocalEngine(CONFIG, recorder=Recorder(store)) as engine,
+        pytest.raises(ReplayNotFound, match="no execution named 'nope'"),
+    ):
+        replay(engine, store, "nope")

@@ -395,7 +395,7 @@ def replay(
 
 def _replay_local(console: Console, store: ExecutionStore, names: list[str], dry_run: bool) -> bool:
     from workflow.engine import EngineConfig, LocalEngine
-    from workflow.replay import ReplayError, plan_replay
+    from workflow.replay import AlreadyReplayed, ReplayError, plan_replay
     from workflow.replay import replay as replay_one
 
     logging.getLogger("moto").setLevel(logging.CRITICAL)
@@ -422,6 +422,12 @@ def _replay_local(console: Console, store: ExecutionStore, names: list[str], dry
                         )
                         continue
                     plan, result = replay_one(engine, store, name)
+                except AlreadyReplayed as exc:
+                    console.print(
+                        f"skipped {_console_text(name)}: already replayed successfully as "
+                        f"{_console_text(exc.succeeded)}"
+                    )
+                    continue
                 except ReplayError as exc:
                     console.print(f"[red]cannot replay[/red] {_console_text(str(exc))}")
                     ok = False

@@ -83,6 +83,13 @@ CREATE TABLE IF NOT EXISTS events (
     details TEXT NOT NULL,
     PRIMARY KEY (execution, event_id)
 );
+-- One row per replayed execution: at most one replay may start from each run.
+CREATE TABLE IF NOT EXISTS replay_claims (
+    replay_of TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    claimed REAL NOT NULL,
+    owner_pid INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS uploads (
     bucket TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -472,6 +479,52 @@ class ExecutionStore:
                 return record.replay_of
             record = parent
         return record.name if record is not None else name
+
+    # -- replay claims -----------------------------------------------------------------------
+
+    def claim_replay(self, replay_of: str, name: str) -> str | None:
+        """Reserve the replay of REPLAY_OF for NAME; return None, or the replay that claimed it first.
+
+        The check and the insert share one write transaction, so two processes or threads that
+        replay the same run cannot both start a replay.
+        """
+        with self._transaction() as connection:
+            holder = _live_claim(connection, replay_of)
+            if holder is not None:
+                return holder
+            connection.execute(
+                "INSERT OR REPLACE INTO replay_claims (replay_of, name, claimed, owner_pid)"
+                " VALUES (?, ?, ?, ?)",
+                (replay_of, name, dt.datetime.now(dt.UTC).timestamp(), os.getpid()),
+            )
+        return None
+
+    def replay_claim(self, replay_of: str) -> str | None:
+        """Return the name of the replay that claimed REPLAY_OF, or None."""
+        with self._lock:
+            return _live_claim(self._connection, replay_of)
+
+    def release_replay(self, replay_of: str, name: str) -> None:
+        """Drop NAME's claim on REPLAY_OF, after its execution failed to start."""
+        with self._transaction() as connection:
+            connection.execute(
+                "DELETE FROM replay_claims WHERE replay_of = ? AND name = ?", (replay_of, name)
+            )
+
+
+def _live_claim(connection: sqlite3.Connection, replay_of: str) -> str | None:
+    # A claim whose execution was never recorded and whose process has ended is stale: that
+    # process died between the claim and the start.
+    row = connection.execute(
+        "SELECT c.name, c.owner_pid, e.name AS recorded FROM replay_claims c"
+        " LEFT JOIN executions e ON e.name = c.name WHERE c.replay_of = ?",
+        (replay_of,),
+    ).fetchone()
+    if row is None:
+        return None
+    if row["recorded"] is None and not _pid_alive(int(row["owner_pid"])):
+        return None
+    return str(row["name"])
 
 
 def _record(row: sqlite3.Row) -> ExecutionRecord:

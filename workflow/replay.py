@@ -12,6 +12,11 @@ Earlier results are reused only when they still hold: Detect's output when the s
 ETag is the one the run read, and Watermark's output only when its staging object still exists.
 Otherwise the replay starts over with the original input. Each replay is a new execution named
 `<first attempt>-r<n>` and recorded with `replay_of` set to the run it replays.
+
+A replay chain is a first attempt and its replays. A chain with a SUCCEEDED attempt is done and is
+not replayed again. Otherwise a replay of any of its runs continues from the newest attempt, and
+each run is replayed at most once: `claim` reserves it in the execution store before the replay
+starts, so concurrent replays of one chain start one execution.
 """
 
 from __future__ import annotations
@@ -24,12 +29,17 @@ from workflow.engine import LocalEngine, RunResult
 from workflow.records import FAILED_STATUSES, ExecutionRecord, ExecutionStore, failed_task_state
 
 __all__ = [
+    "AlreadyReplayed",
     "ReplayError",
+    "ReplayInProgress",
+    "ReplayNotFound",
     "ReplayPlan",
+    "claim",
     "derive_definition",
     "plan_replay",
     "replay",
     "replay_candidates",
+    "run_claimed",
 ]
 
 _NAME_MAX = 80
@@ -37,6 +47,28 @@ _NAME_MAX = 80
 
 class ReplayError(Exception):
     """A run cannot be replayed; the message says why and what to do."""
+
+
+class ReplayNotFound(ReplayError):
+    """No execution of that name is recorded."""
+
+
+class AlreadyReplayed(ReplayError):
+    """An attempt in the run's replay chain has already succeeded."""
+
+    def __init__(self, name: str, succeeded: str) -> None:
+        super().__init__(f"{name} already replayed successfully as {succeeded}")
+        self.name = name
+        self.succeeded = succeeded
+
+
+class ReplayInProgress(ReplayError):
+    """Another replay of the run's chain is running."""
+
+    def __init__(self, name: str, running: str) -> None:
+        super().__init__(f"{name} is already being replayed as {running}; wait for it to end")
+        self.name = name
+        self.running = running
 
 
 @dataclass(frozen=True)
@@ -66,7 +98,7 @@ def derive_definition(definition: str, start_at: str) -> str:
 
 
 def replay_candidates(store: ExecutionStore, since: Any = None) -> list[ExecutionRecord]:
-    """Return the failed runs to replay: per replay chain, its latest attempt when that failed."""
+    """Return the runs to replay: the latest attempt of each chain that failed and never succeeded."""
     candidates: list[ExecutionRecord] = []
     seen_roots: set[str] = set()
     for record in store.list(since=since):
@@ -74,21 +106,25 @@ def replay_candidates(store: ExecutionStore, since: Any = None) -> list[Executio
         if root in seen_roots:
             continue
         seen_roots.add(root)
-        latest = store.attempts(root)[-1]
-        if latest.status in FAILED_STATUSES:
-            candidates.append(latest)
+        chain = store.attempts(root)
+        if _succeeded_attempt(chain) is None and chain[-1].status in FAILED_STATUSES:
+            candidates.append(chain[-1])
     candidates.reverse()
     return candidates
 
 
 def plan_replay(engine: LocalEngine, store: ExecutionStore, name: str) -> ReplayPlan:
-    """Decide where a replay of NAME starts, putting its source object back in place if needed."""
+    """Decide where a replay of NAME starts, putting its source object back in place if needed.
+
+    The replay continues from the newest attempt in NAME's chain. Raises AlreadyReplayed when an
+    attempt succeeded and ReplayInProgress when a replay of the chain is running.
+    """
     if engine.recorder is not None:
         # The run may have ended a moment ago, before the recorder's next poll copied its end.
         engine.recorder.sync(name)
     record = store.get(name)
     if record is None:
-        raise ReplayError(
+        raise ReplayNotFound(
             f"no execution named {name!r} in {store.state_dir}; list them with 'labelmark executions'"
         )
     if record.status not in FAILED_STATUSES:
@@ -96,13 +132,31 @@ def plan_replay(engine: LocalEngine, store: ExecutionStore, name: str) -> Replay
             f"execution {name!r} is {record.status}; only FAILED, TIMED_OUT and ABORTED runs are replayed"
         )
 
-    _restore_source(engine, store, record)
     root = store.root_of(name)
-    attempt = len(store.attempts(root)) + 1
+    chain = store.attempts(root)
+    if engine.recorder is not None and chain[-1].name != name:
+        engine.recorder.sync(chain[-1].name)
+        chain = store.attempts(root)
+    record = _latest_failed_attempt(store, name, chain)
+    _restore_source(engine, store, record)
+    attempt = len(chain) + 1
     suffix = f"-r{attempt}"
     new_name = root[: _NAME_MAX - len(suffix)] + suffix
+    # A replay that resumed mid-way got a stage's input, not the whole run's.
+    first_input = chain[0].input if record.resumed_from else record.input
+    return _resume_point(engine, store, record, first_input, new_name, attempt)
 
-    first_input = store.attempts(root)[0].input if record.resumed_from else record.input
+
+def _resume_point(
+    engine: LocalEngine,
+    store: ExecutionStore,
+    record: ExecutionRecord,
+    first_input: dict[str, Any],
+    new_name: str,
+    attempt: int,
+) -> ReplayPlan:
+    """Plan the replay of RECORD from the latest stage whose input still holds."""
+    name = record.name
     failed = failed_task_state(store.events(name))
     if failed is None or failed.input is None:
         return ReplayPlan(record, new_name, attempt, None, first_input, "no failed stage recorded")
@@ -134,6 +188,35 @@ def replay(
 ) -> tuple[ReplayPlan, RunResult]:
     """Replay the failed run NAME on ENGINE, record it as a new attempt and wait for its end."""
     plan = plan_replay(engine, store, name)
+    claim(store, plan)
+    return plan, run_claimed(engine, store, plan, timeout=timeout)
+
+
+def claim(store: ExecutionStore, plan: ReplayPlan) -> None:
+    """Reserve PLAN's run for this replay; raise ReplayInProgress when another replay claimed it."""
+    holder = store.claim_replay(plan.original.name, plan.name)
+    if holder is not None:
+        raise ReplayInProgress(plan.original.name, holder)
+
+
+def run_claimed(
+    engine: LocalEngine, store: ExecutionStore, plan: ReplayPlan, *, timeout: float = 600.0
+) -> RunResult:
+    """Start the replay that PLAN describes and `claim` reserved, and wait for its end."""
+    try:
+        arn = _start(engine, plan)
+    except BaseException:
+        # Nothing ran, so the run stays free for the next replay.
+        store.release_replay(plan.original.name, plan.name)
+        raise
+
+    result = engine.wait(arn, timeout=timeout)
+    if engine.recorder is not None:
+        engine.recorder.sync(plan.name)
+    return result
+
+
+def _start(engine: LocalEngine, plan: ReplayPlan) -> str:
     state_machine_arn = engine.state_machine_arn
     if plan.resume_from is not None:
         state_machine_arn = _redrive_state_machine(engine, plan.resume_from)
@@ -153,10 +236,27 @@ def replay(
             resumed_from=plan.resume_from,
             source_sha256=plan.original.source_sha256,
         )
-    result = engine.wait(arn, timeout=timeout)
-    if engine.recorder is not None:
-        engine.recorder.sync(plan.name)
-    return plan, result
+    return arn
+
+
+def _succeeded_attempt(chain: list[ExecutionRecord]) -> ExecutionRecord | None:
+    return next((record for record in chain if record.status == "SUCCEEDED"), None)
+
+
+def _latest_failed_attempt(
+    store: ExecutionStore, name: str, chain: list[ExecutionRecord]
+) -> ExecutionRecord:
+    succeeded = _succeeded_attempt(chain)
+    if succeeded is not None:
+        raise AlreadyReplayed(name, succeeded.name)
+
+    latest = chain[-1]
+    if latest.status not in FAILED_STATUSES:
+        raise ReplayInProgress(name, latest.name)
+    holder = store.replay_claim(latest.name)
+    if holder is not None:
+        raise ReplayInProgress(name, holder)
+    return latest
 
 
 def _stage_input(store: ExecutionStore, name: str, state: str) -> dict[str, Any] | None:
