@@ -134,3 +134,34 @@ def _skimage(name: str) -> Path:
     import skimage
 
     return Path(skimage.__file__).parent / "data" / name
+
+
+@pytest.mark.parametrize(
+    ("prefix", "rule"),
+    [
+        ("", "is empty"),  # every upload would be skipped as the pipeline's own output
+        ("out*", "contains '*'"),  # a glob character in the guard's pattern
+        ("labelmark-staging/x-", "overlaps the pipeline's folder"),  # mixes with staging objects
+    ],
+)
+def test_run_rejects_unsafe_prefix(tmp_path: Path, prefix: str, rule: str) -> None:
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"unused")
+
+    result = CliRunner().invoke(main, ["run", str(photo), "--prefix", prefix])
+
+    assert result.exit_code == 2
+    assert "Invalid value for '--prefix' / OUTPUT_PREFIX" in result.output
+    assert rule in result.output
+
+
+def test_run_line_escapes_control_characters(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "\x1b[2Jfake.jpg").write_text("not a picture", encoding="utf-8")
+
+    result = CliRunner().invoke(main, ["run", str(photos), "--out", str(tmp_path / "out")])
+
+    assert result.exit_code == 1
+    assert "\x1b" not in result.output
+    assert "photos/\\x1b[2Jfake.jpg" in result.output

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from workflow.batch import ImageOutcome, InputError, collect_inputs, run_batch
+from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.records import ExecutionStore, Recorder
 
@@ -34,20 +35,24 @@ def main() -> None:
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("processed"),
-              show_default=True, envvar="LABELMARK_OUT", help="Folder that receives the watermarked images, "
+              show_default=True, envvar="LABELMARK_OUT", show_envvar=True, help="Folder that receives the watermarked images, "
               "their .labels.json sidecars and failure records.")
 @click.option("--detector", type=click.Choice(["local", "rekognition"]), default="local", show_default=True,
-              envvar="DETECTOR_BACKEND", help="Label backend: the offline model, or Amazon Rekognition "
+              envvar="DETECTOR_BACKEND", show_envvar=True, help="Label backend: the offline model, or Amazon Rekognition "
               "(needs AWS credentials).")
 @click.option("--workers", type=click.IntRange(1, 64), default=lambda: min(4, os.cpu_count() or 1),
-              show_default="number of cores, at most 4", envvar="LABELMARK_WORKERS",
-              help="Executions running at the same time.")
-@click.option("--prefix", "output_prefix", default="watermarked-", show_default=True, envvar="OUTPUT_PREFIX",
+              show_default="number of cores, at most 4", envvar="LABELMARK_WORKERS", show_envvar=True,
+              help="Executions running at the same time. With 2 or more, all but one run in worker "
+              "processes, which take 1 to 2 s each to start.")
+@click.option("--prefix", "output_prefix", default="watermarked-", show_default=True, envvar="OUTPUT_PREFIX", show_envvar=True,
               help="Put before each source key to form the published key.")
-@click.option("--max-labels", type=click.IntRange(1, 100), default=10, show_default=True, envvar="MAX_LABELS",
+@click.option("--max-labels", type=click.IntRange(1, 100), default=10, show_default=True, envvar="MAX_LABELS", show_envvar=True,
               help="Labels kept per image.")
-@click.option("--min-confidence", type=click.FloatRange(0, 100), default=None, envvar="MIN_CONFIDENCE",
+@click.option("--min-confidence", type=click.FloatRange(0, 100), default=None, envvar="MIN_CONFIDENCE", show_envvar=True,
               help="Lowest label confidence kept, 0 to 100 [default: 20 for local, 70 for rekognition].")
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              envvar="LABELMARK_STATE_DIR", show_envvar=True,
+              help="Folder of the execution records that 'labelmark replay' reads [default: .labelmark].")
 @click.option("-v", "--verbose", is_flag=True, help="Show the stages' JSON logs.")
 def run(
     paths: tuple[Path, ...],
@@ -57,6 +62,7 @@ def run(
     output_prefix: str,
     max_labels: int,
     min_confidence: float | None,
+    state_dir: Path | None,
     verbose: bool,
 ) -> None:
     """Run the pipeline on image files and folders, one execution per image.
@@ -79,12 +85,15 @@ def run(
     function_env = {"MAX_LABELS": str(max_labels)}
     if min_confidence is not None:
         function_env["MIN_CONFIDENCE"] = str(min_confidence)
-    config = EngineConfig(detector=detector, output_prefix=output_prefix, function_env=function_env)
+    try:
+        config = EngineConfig(detector=detector, output_prefix=output_prefix, function_env=function_env)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--prefix' / OUTPUT_PREFIX") from exc
 
     started = time.perf_counter()
     try:
         # Recorded in the state folder (LABELMARK_STATE_DIR, default .labelmark) for 'labelmark replay'.
-        engine = LocalEngine(config, recorder=Recorder(ExecutionStore()))
+        engine = LocalEngine(config, recorder=Recorder(ExecutionStore(state_dir)))
         engine.start()
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -119,21 +128,29 @@ def _run_with_progress(console: Console, engine: LocalEngine, inputs: list, out_
 
 def _outcome_line(outcome: ImageOutcome) -> str:
     style = _STATUS_STYLE[outcome.status]
-    head = f"[{style}]{outcome.status:<9}[/{style}] {escape(outcome.key)}"
+    # Keys, labels and messages come from uploads: control characters are shown escaped, so a
+    # file name cannot clear the screen or fake a status line.
+    def safe(text: object) -> str:
+        return escape(printable(str(text)))
+
+    head = f"[{style}]{outcome.status:<9}[/{style}] {safe(outcome.key)}"
     if outcome.status == "SUCCEEDED":
         labels = ", ".join(outcome.labels[:3]) or "no labels"
-        return f"{head}  [bold]{escape(labels)}[/bold]  -> {escape(str(outcome.output_file))}  ({outcome.execution})"
+        return f"{head}  [bold]{safe(labels)}[/bold]  -> {safe(outcome.output_file)}  ({outcome.execution})"
     if outcome.status == "SKIPPED":
-        return f"{head}  {escape(outcome.reason)}  ({outcome.execution})"
-    record = f"  record: {escape(str(outcome.failure_file))}" if outcome.failure_file else ""
-    return f"{head}  {escape(outcome.reason)}{record}  ({outcome.execution})"
+        return f"{head}  {safe(outcome.reason)}  ({outcome.execution})"
+    record = f"  record: {safe(outcome.failure_file)}" if outcome.failure_file else ""
+    return f"{head}  {safe(outcome.reason)}{record}  ({outcome.execution})"
 
 
 def _print_summary(console: Console, outcomes: list[ImageOutcome], seconds: float, out_dir: Path) -> None:
     counts = {status: sum(1 for o in outcomes if o.status == status) for status in _STATUS_STYLE}
+    noun = "image" if len(outcomes) == 1 else "images"
     console.print(
-        f"{len(outcomes)} images in {seconds:.1f} s: {counts['SUCCEEDED']} succeeded, "
-        f"{counts['SKIPPED']} skipped, {counts['FAILED']} failed; results in {escape(str(out_dir))}/"
+        f"{len(outcomes)} {noun} in {seconds:.1f} s: {counts['SUCCEEDED']} succeeded, "
+        f"{counts['SKIPPED']} skipped, {counts['FAILED']} failed; results in "
+        f"{escape(printable(str(out_dir)))}/",
+        soft_wrap=True,
     )
 
 

@@ -50,6 +50,11 @@ class EngineConfig:
     real_rekognition: bool = True
     function_env: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from functions.common.keys import check_output_prefix
+
+        check_output_prefix(self.output_prefix)
+
 
 @dataclass
 class RunResult:

@@ -19,6 +19,7 @@ __all__ = [
     "execution_name",
     "failure_key",
     "is_pipeline_key",
+    "check_output_prefix",
     "output_key",
     "sidecar_key",
     "staging_key",
@@ -34,6 +35,30 @@ SIDECAR_SUFFIX = ".labels.json"
 # service but break CloudWatch Logs links, so this keeps ASCII only.
 _NAME_MAX = 80
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def check_output_prefix(prefix: str) -> None:
+    """Raise ValueError when PREFIX cannot safely name published objects.
+
+    The state machine's guard skips keys that start with the prefix, as a glob pattern, so an
+    empty prefix or one with `*` would skip every upload, and `\\`, `"` or `${` would break the
+    definition it is written into. A prefix inside the staging, failure or backfill folders would
+    mix published images with the pipeline's own objects.
+    """
+    if not prefix:
+        raise ValueError(
+            "output prefix is empty, so every upload would look like the pipeline's own output"
+        )
+    for text in ("*", "\\", '"', "${"):
+        if text in prefix:
+            raise ValueError(
+                f"output prefix {prefix!r} contains {text!r}, which the guard cannot match literally"
+            )
+    for reserved in (STAGING_PREFIX, FAILURE_PREFIX, "labelmark-backfill/"):
+        if prefix.startswith(reserved) or reserved.startswith(prefix):
+            raise ValueError(
+                f"output prefix {prefix!r} overlaps the pipeline's folder {reserved!r}"
+            )
 
 
 def output_key(source_key: str, prefix: str) -> str:
