@@ -22,12 +22,15 @@ from workflow.engine import LocalEngine
 BACKFILL_ARN = "arn:aws:states:us-east-1:123456789012:stateMachine:labelmark-backfill"
 
 
-def _write_photos(folder: Path, count: int) -> None:
+def _write_photos(folder: Path, count: int) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
+    names = []
     for index in range(count):
         buffer = io.BytesIO()
         Image.new("RGB", (64, 48), (index % 256, 120, 200)).save(buffer, format="JPEG")
         (folder / f"photo-{index:03d}.jpg").write_bytes(buffer.getvalue())
+        names.append(f"photo-{index:03d}.jpg")
+    return names
 
 
 @pytest.mark.slow
@@ -103,9 +106,9 @@ def test_backfill_local_rejects_zero_concurrency(engine: LocalEngine) -> None:
         backfill_local(engine, "p/", max_concurrency=0)
 
 
-def test_backfill_cli_local_writes_out_file(tmp_path: Path) -> None:
-    _write_photos(tmp_path / "photos", 2)
-    out = tmp_path / "results.json"
+def test_backfill_cli_local_writes_images_and_results(tmp_path: Path) -> None:
+    names = _write_photos(tmp_path / "photos", 2)
+    out = tmp_path / "processed"
 
     result = CliRunner().invoke(
         main, ["backfill", "old/", "--from", str(tmp_path / "photos"), "--out", str(out)]
@@ -113,7 +116,11 @@ def test_backfill_cli_local_writes_out_file(tmp_path: Path) -> None:
 
     assert result.exit_code == 0, result.output
     assert "2 objects under old/: 2 succeeded" in result.output
-    assert json.loads(out.read_text(encoding="utf-8"))["counts"] == {"SUCCEEDED": 2}
+    (results_file,) = (out / "labelmark-backfill").glob("*-results.json")
+    assert json.loads(results_file.read_text(encoding="utf-8"))["counts"] == {"SUCCEEDED": 2}
+    for name in names:
+        assert (out / f"watermarked-old/{name}").is_file()
+        assert (out / f"watermarked-old/{name}.labels.json").is_file()
 
 
 def test_backfill_cli_local_needs_from() -> None:

@@ -1,7 +1,7 @@
 """Run the pipeline over objects that already exist under a prefix of the source bucket.
 
 In the cloud, a backfill is one execution of the state machine in `workflow/backfill.asl.json`.
-Its Distributed Map lists the prefix and starts one pipeline execution per object, at most 40 at
+Its Distributed Map lists the prefix and starts one pipeline execution per object, at most 10 at
 a time. It writes its results under `labelmark-backfill/` in the processed bucket.
 
 Locally that definition is not run, because moto 5.2.5 fails the map's
@@ -53,12 +53,15 @@ def backfill_local(
     max_concurrency: int = 4,
     timeout: float = 600.0,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    out_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline once per object under PREFIX and return the results document.
 
     The document is also written to the processed bucket under RESULTS_PREFIX, and its key is
     returned in it as `resultsKey`. Objects the pipeline skips (folder markers, empty objects,
-    its own output) are counted as SKIPPED.
+    its own output) are counted as SKIPPED. With OUT_DIR, each published image, its sidecar or
+    its failure record, and the results document are written there too, as `labelmark run`
+    writes them, because the local buckets are gone once the engine stops.
     """
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency must be 1 or more, got {max_concurrency}")
@@ -67,7 +70,7 @@ def backfill_local(
     lock = threading.Lock()
 
     def run_one(item: dict[str, Any]) -> dict[str, Any]:
-        result = _run_object(engine, item, timeout)
+        result = _run_object(engine, item, timeout, out_dir)
         if on_result is not None:
             with lock:
                 on_result(result)
@@ -89,12 +92,14 @@ def backfill_local(
     }
     key = f"{RESULTS_PREFIX}{started.strftime('%Y%m%dT%H%M%S%fZ')}-results.json"
     document["resultsKey"] = key
+    body = json.dumps(document, ensure_ascii=False, indent=2).encode("utf-8")
     engine.s3.put_object(
-        Bucket=engine.config.processed_bucket,
-        Key=key,
-        Body=json.dumps(document, ensure_ascii=False, indent=2).encode("utf-8"),
-        ContentType="application/json",
+        Bucket=engine.config.processed_bucket, Key=key, Body=body, ContentType="application/json"
     )
+    if out_dir is not None:
+        from workflow.localfiles import write_object
+
+        write_object(out_dir, key, body)
     return document
 
 
@@ -114,7 +119,9 @@ def _list_objects(engine: LocalEngine, prefix: str) -> list[dict[str, Any]]:
     return objects
 
 
-def _run_object(engine: LocalEngine, item: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _run_object(
+    engine: LocalEngine, item: dict[str, Any], timeout: float, out_dir: Path | None
+) -> dict[str, Any]:
     from functions.common.events import encode_key
 
     key = str(item["Key"])
@@ -133,5 +140,19 @@ def _run_object(engine: LocalEngine, item: dict[str, Any], timeout: float) -> di
             "error": f"{type(exc).__name__}: {exc}",
         }
 
+    from workflow.batch import describe_error, write_outcome
+
+    if engine.recorder is not None:
+        engine.recorder.sync(result.name)
     status = "SKIPPED" if result.status == "SUCCEEDED" and result.skipped_reason else result.status
-    return {"key": key, "status": status, "execution": result.name, "error": result.error}
+    document: dict[str, Any] = {
+        "key": key,
+        "status": status,
+        "execution": result.name,
+        "error": describe_error(result.error, result.cause) if result.error else None,
+    }
+    if out_dir is not None:
+        outcome = write_outcome(engine, key, result, out_dir)
+        written = outcome.output_file or outcome.failure_file
+        document["file"] = str(written) if written else None
+    return document

@@ -14,7 +14,15 @@ from functions.common.labels import headline_names
 from workflow.engine import LocalEngine, RunResult
 from workflow.localfiles import write_object
 
-__all__ = ["ImageOutcome", "InputError", "InputFile", "collect_inputs", "run_batch", "run_one"]
+__all__ = [
+    "ImageOutcome",
+    "InputError",
+    "InputFile",
+    "collect_inputs",
+    "run_batch",
+    "run_one",
+    "write_outcome",
+]
 
 
 class InputError(ValueError):
@@ -111,7 +119,9 @@ def _run_in_process(
     threads: int,
 ) -> list[ImageOutcome]:
     outcomes: list[ImageOutcome] = []
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="labelmark-run") as pool:
+    with ThreadPoolExecutor(
+        max_workers=max(1, threads), thread_name_prefix="labelmark-run"
+    ) as pool:
         futures = [pool.submit(run_one, engine, item, out_dir) for item in inputs]
         for future in as_completed(futures):
             outcome = future.result()
@@ -126,7 +136,7 @@ def run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome
     started = time.perf_counter()
     event = engine.upload(item.key, item.path.read_bytes())
     result = engine.run(event)
-    outcome = _outcome(engine, item.key, result, out_dir)
+    outcome = write_outcome(engine, item.key, result, out_dir)
     _release_objects(engine, item.key, result)
     _release_execution(engine, result)
     outcome.seconds = time.perf_counter() - started
@@ -158,7 +168,8 @@ def _release_execution(engine: LocalEngine, result: RunResult) -> None:
     engine.forget_execution(result.arn)
 
 
-def _outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Path) -> ImageOutcome:
+def write_outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Path) -> ImageOutcome:
+    """Write a finished run's image, sidecar or failure record to OUT_DIR and describe it."""
     if result.status == "SUCCEEDED" and result.skipped_reason:
         return ImageOutcome(key, "SKIPPED", result.name, reason=result.skipped_reason)
 
@@ -174,7 +185,9 @@ def _outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Path) ->
     return _failed_outcome(engine, key, result, out_dir)
 
 
-def _failed_outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Path) -> ImageOutcome:
+def _failed_outcome(
+    engine: LocalEngine, key: str, result: RunResult, out_dir: Path
+) -> ImageOutcome:
     from functions.common.keys import failure_key
 
     record_key = failure_key(result.name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -12,6 +11,9 @@ import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from workflow.display import printable
+from workflow.records import ExecutionStore, Recorder
 
 __all__ = ["backfill", "cost"]
 
@@ -91,9 +93,13 @@ def cost(images: int, backend: str, workflow: str) -> None:
 )
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Locally: also write the results file (JSON) to this path.",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("processed"),
+    show_default=True,
+    envvar="LABELMARK_OUT",
+    show_envvar=True,
+    help="Locally: folder that receives the watermarked images, their .labels.json files, "
+    "failure records and the results file (under labelmark-backfill/).",
 )
 @click.option(
     "--detector",
@@ -149,16 +155,13 @@ def backfill(
         raise click.UsageError(
             "locally, --from DIR is required, because the local source bucket starts empty"
         )
-    document = _backfill_local(console, prefix, from_dir, max_concurrency, detector)
-    if out is not None:
-        out.write_text(json.dumps(document, ensure_ascii=False, indent=2), encoding="utf-8")
+    document = _backfill_local(console, prefix, from_dir, max_concurrency, detector, out)
     counts = ", ".join(
         f"{count} {status.lower()}" for status, count in sorted(document["counts"].items())
     )
     console.print(
-        f"{document['total']} objects under {escape(prefix)}: {counts or 'none'}; "
-        f"results in s3://{document['processedBucket']}/{escape(document['resultsKey'])}"
-        + (f" and {escape(str(out))}" if out else "")
+        f"{document['total']} objects under {escape(printable(prefix))}: {counts or 'none'}; "
+        f"images and results in {escape(printable(str(out)))}/"
     )
     if document["total"] != document["counts"].get("SUCCEEDED", 0) + document["counts"].get(
         "SKIPPED", 0
@@ -167,7 +170,7 @@ def backfill(
 
 
 def _backfill_local(
-    console: Console, prefix: str, from_dir: Path, max_concurrency: int, detector: str
+    console: Console, prefix: str, from_dir: Path, max_concurrency: int, detector: str, out: Path
 ) -> dict:
     from workflow.backfill import backfill_local, upload_folder
     from workflow.engine import EngineConfig, LocalEngine
@@ -179,14 +182,17 @@ def _backfill_local(
     def report(item: dict) -> None:
         if item["status"] not in ("SUCCEEDED", "SKIPPED"):
             console.print(
-                f"[red]{item['status']}[/red] {escape(item['key'])}: {escape(str(item['error']))}"
+                f"[red]{item['status']}[/red] {escape(printable(item['key']))}: "
+                f"{escape(printable(str(item['error'])))}"
             )
 
     try:
-        with LocalEngine(EngineConfig(detector=detector)) as engine:
+        # Recorded like `labelmark run`, so `labelmark show` and `replay` find these runs.
+        recorder = Recorder(ExecutionStore())
+        with LocalEngine(EngineConfig(detector=detector), recorder=recorder) as engine:
             upload_folder(engine, from_dir, prefix)
             document = backfill_local(
-                engine, prefix, max_concurrency=max_concurrency, on_result=report
+                engine, prefix, max_concurrency=max_concurrency, on_result=report, out_dir=out
             )
             document["processedBucket"] = engine.config.processed_bucket
     except RuntimeError as exc:
