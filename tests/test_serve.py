@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import logging
 import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import boto3
 import pytest
@@ -108,4 +113,231 @@ def test_serve_page_shows_runs_and_replays_failure(
         expect(page.locator("#detail-status")).to_have_text("SUCCEEDED", timeout=20_000)
         expect(page.locator("#detail-info")).to_contain_text("from Watermark")
         assert running.engine.dispatcher.invocations["detect"] == detect_calls
+
+        # WHEN the first attempt is opened again, THEN it offers no second replay
+        page.locator("#executions tbody tr", has_text="bad.jpg").last.click()
+        expect(page.locator("#detail-status")).to_have_text("FAILED")
+        expect(page.locator("#detail-info")).to_contain_text("replayed successfully as")
+        expect(page.locator("#replay")).to_be_hidden()
         browser.close()
+
+
+def _request(
+    stack: LocalStack, method: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, str, dict]:
+    """Send one request to the web server; return the status, content type and JSON body."""
+    port = urlsplit(stack.web_url).port
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        body = "{}" if method == "POST" else None
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        text = response.read().decode("utf-8")
+        return response.status, response.getheader("Content-Type") or "", json.loads(text)
+    finally:
+        connection.close()
+
+
+def _post_replay(
+    stack: LocalStack, name: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
+    own = {"Origin": stack.web_url.rstrip("/"), "Content-Type": "application/json"}
+    status, _, body = _request(
+        stack, "POST", f"/api/executions/{quote(name)}/replay", own if headers is None else headers
+    )
+    return status, body
+
+
+def _run_of(stack: LocalStack, key: str, status: str) -> str:
+    """Wait until the run of KEY has STATUS and return its name."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for record in stack.store.list():
+            if record.source_key == key and record.replay_of is None and record.status == status:
+                return record.name
+        time.sleep(0.1)
+    raise AssertionError(f"no {status} run of {key} within 30 s")
+
+
+def _failed_upload(stack: LocalStack, broken: threading.Event, key: str) -> str:
+    broken.set()
+    s3 = boto3.client("s3", endpoint_url=stack.s3_url, region_name="us-east-1")
+    s3.put_object(Bucket="labelmark-source", Key=key, Body=jpeg_bytes(color=(9, 9, 9)))
+    name = _run_of(stack, key, "FAILED")
+    broken.clear()
+    return name
+
+
+def _wait_for_end(stack: LocalStack, name: str) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        record = stack.store.get(name)
+        if record is not None and record.status != "RUNNING":
+            return record.status
+        time.sleep(0.1)
+    raise AssertionError(f"{name} still running after 30 s")
+
+
+def test_serve_concurrent_replays_start_one(stack: tuple[LocalStack, threading.Event]) -> None:
+    # GIVEN a failed run
+    running, broken = stack
+    name = _failed_upload(running, broken, "twice.jpg")
+
+    # WHEN two replay requests for it arrive at the same time
+    barrier = threading.Barrier(2)
+    responses: list[tuple[int, dict]] = []
+
+    def post() -> None:
+        barrier.wait()
+        responses.append(_post_replay(running, name))
+
+    threads = [threading.Thread(target=post) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    # THEN one starts the replay and the other is rejected with the name of that replay
+    statuses = sorted(status for status, _ in responses)
+    assert statuses == [202, 409]
+    accepted = next(body for status, body in responses if status == 202)
+    rejected = next(body for status, body in responses if status == 409)
+    assert accepted == {"replay": f"{name}-r2"}
+    assert rejected["running"] == f"{name}-r2"
+    assert f"already being replayed as {name}-r2" in rejected["error"]
+    assert _wait_for_end(running, f"{name}-r2") == "SUCCEEDED"
+    assert running.store.get(f"{name}-r3") is None
+
+    # WHEN the first run is replayed again, THEN the finished chain is not replayed
+    status, body = _post_replay(running, name)
+    assert status == 409
+    assert body["succeeded"] == f"{name}-r2"
+    assert running.store.get(f"{name}-r3") is None
+
+
+def test_serve_replay_unknown_name_not_found(stack: tuple[LocalStack, threading.Event]) -> None:
+    running, _ = stack
+
+    status, body = _post_replay(running, "nope")
+
+    assert status == 404
+    assert body["error"].startswith("no execution named 'nope'")
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected_status"),
+    [
+        # a page on another site posting with fetch
+        ({"Origin": "http://evil.example", "Content-Type": "application/json"}, 403),
+        # a browser that sends only a Referer
+        ({"Referer": "http://evil.example/page", "Content-Type": "application/json"}, 403),
+        # a sandboxed frame or a file: page
+        ({"Origin": "null", "Content-Type": "application/json"}, 403),
+        # a cross-site HTML form, which cannot send application/json
+        ({"Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ({"Content-Type": "text/plain"}, 415),
+        # no content type at all
+        ({}, 415),
+    ],
+)
+def test_serve_replay_rejects_cross_site_post(
+    stack: tuple[LocalStack, threading.Event], headers: dict[str, str], expected_status: int
+) -> None:
+    # GIVEN a failed run
+    running, broken = stack
+    name = _failed_upload(running, broken, "csrf.jpg")
+
+    # WHEN a replay request comes without the same-origin JSON marks
+    status, body = _post_replay(running, name, headers)
+
+    # THEN it is rejected and no replay starts
+    assert status == expected_status
+    assert body["error"]
+    assert running.store.get(f"{name}-r2") is None
+
+
+def test_serve_replay_accepts_own_referer(stack: tuple[LocalStack, threading.Event]) -> None:
+    running, broken = stack
+    name = _failed_upload(running, broken, "referer.jpg")
+
+    status, body = _post_replay(
+        running, name, {"Referer": running.web_url, "Content-Type": "application/json"}
+    )
+
+    assert status == 202
+    assert body == {"replay": f"{name}-r2"}
+    assert _wait_for_end(running, f"{name}-r2") == "SUCCEEDED"
+
+
+def test_serve_nul_in_path_bad_request(
+    stack: tuple[LocalStack, threading.Event],
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    running, _ = stack
+
+    with caplog.at_level(logging.WARNING, logger="workflow.server"):
+        status, content_type, body = _request(running, "GET", "/%00")
+
+    assert status == 400
+    assert content_type == "application/json"
+    assert "control character" in body["error"]
+    assert [record.getMessage() for record in caplog.records] == [
+        "GET /%00 rejected: " + body["error"]
+    ]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_serve_deleted_image_not_found(
+    stack: tuple[LocalStack, threading.Event],
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN a succeeded run whose output object was deleted afterwards
+    running, _ = stack
+    s3 = boto3.client("s3", endpoint_url=running.s3_url, region_name="us-east-1")
+    s3.put_object(Bucket="labelmark-source", Key="gone.jpg", Body=jpeg_bytes())
+    name = _run_of(running, "gone.jpg", "SUCCEEDED")
+    s3.delete_object(Bucket=running.config.processed_bucket, Key="watermarked-gone.jpg")
+
+    # WHEN the page requests its image
+    with caplog.at_level(logging.WARNING, logger="workflow.server"):
+        status, content_type, body = _request(running, "GET", f"/api/executions/{name}/image")
+
+    # THEN the response is 404 with the object named, and the log has one line
+    assert status == 404
+    assert content_type == "application/json"
+    location = f"s3://{running.config.processed_bucket}/watermarked-gone.jpg"
+    assert body == {"error": f"the output image {location} no longer exists"}
+    assert [record.getMessage() for record in caplog.records] == [
+        f"image of {name} not found: {location} was deleted"
+    ]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_serve_unexpected_error_internal_error(
+    stack: tuple[LocalStack, threading.Event],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN an endpoint that raises an error no handler expects
+    running, _ = stack
+
+    def broken_definition() -> dict:
+        raise RuntimeError("state machine unreadable")
+
+    monkeypatch.setattr(running, "definition", broken_definition)
+
+    # WHEN it is requested
+    with caplog.at_level(logging.WARNING, logger="workflow.server"):
+        status, _, body = _request(running, "GET", "/api/definition")
+
+    # THEN the response is 500 with a generic body, and one log line names the path and error
+    assert status == 500
+    assert body == {"error": "internal server error; the server log has the details"}
+    assert [record.getMessage() for record in caplog.records] == [
+        "GET /api/definition failed: RuntimeError: state machine unreadable"
+    ]
+    assert all(record.exc_info is None for record in caplog.records)
+    assert "Traceback" not in capfd.readouterr().err

@@ -14,22 +14,40 @@ import json
 import logging
 import mimetypes
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from workflow.dispatch import FaultHook
+from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine, object_created_event
-from workflow.records import ExecutionRecord, ExecutionStore, Recorder, state_runs
+from workflow.records import (
+    FAILED_STATUSES,
+    ExecutionRecord,
+    ExecutionStore,
+    Recorder,
+    state_runs,
+)
 
-__all__ = ["POLL_INTERVAL", "LocalStack"]
+if TYPE_CHECKING:
+    from workflow.replay import ReplayPlan
+
+__all__ = ["POLL_INTERVAL", "ImageNotFound", "LocalStack"]
 
 POLL_INTERVAL = 0.5
+# Request bodies are read and discarded up to this size, so the client gets the response.
+MAX_BODY_BYTES = 64 * 1024
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 WEB_DIR = Path(__file__).with_name("web")
 logger = logging.getLogger(__name__)
+
+
+class ImageNotFound(LookupError):
+    """The execution has no output image to send."""
 
 
 class LocalStack:
@@ -59,6 +77,8 @@ class LocalStack:
         self._replay_lock = threading.Lock()
         self.s3_url = ""
         self.web_url = ""
+        # Origins the page may be loaded from. POSTs from any other origin are rejected.
+        self.origins: frozenset[str] = frozenset()
 
     def start(self) -> None:
         """Start the engine, the S3 endpoint, the poller and the web server."""
@@ -73,7 +93,9 @@ class LocalStack:
         self.s3_url = f"http://{self.host}:{s3_port}"
 
         self._web = ThreadingHTTPServer((self.host, self._web_port), _handler_for(self))
-        self.web_url = f"http://{self.host}:{self._web.server_address[1]}/"
+        web_port = self._web.server_address[1]
+        self.web_url = f"http://{self.host}:{web_port}/"
+        self.origins = _own_origins(self.host, web_port)
         threading.Thread(target=self._web.serve_forever, name="labelmark-web", daemon=True).start()
         threading.Thread(target=self._poll_uploads, name="labelmark-uploads", daemon=True).start()
         logger.info("serving S3 at %s and the executions page at %s", self.s3_url, self.web_url)
@@ -140,19 +162,28 @@ class LocalStack:
     # -- API -------------------------------------------------------------------------------
 
     def replay(self, name: str) -> str:
-        """Start a replay of NAME in the background and return the new execution's name."""
-        from workflow.replay import plan_replay, replay
+        """Start a replay of NAME in the background and return the new execution's name.
+
+        The replay is claimed before this returns, so a second request for the same chain raises
+        ReplayInProgress instead of starting another execution.
+        """
+        from workflow.replay import claim, plan_replay
 
         with self._replay_lock:
             plan = plan_replay(self.engine, self.store, name)
-        self._runs.submit(self._replay, replay, name)
+            claim(self.store, plan)
+        self._runs.submit(self._replay, plan)
         return plan.name
 
-    def _replay(self, replay: Any, name: str) -> None:
+    def _replay(self, plan: ReplayPlan) -> None:
+        from workflow.replay import run_claimed
+
         try:
-            replay(self.engine, self.store, name)
+            run_claimed(self.engine, self.store, plan)
         except Exception:
-            logger.exception("replay of %s failed", name)
+            logger.exception(
+                "replay %s of %s failed", printable(plan.name), printable(plan.original.name)
+            )
 
     def definition(self) -> dict[str, Any]:
         """Return the state machine definition the engine runs."""
@@ -161,13 +192,25 @@ class LocalStack:
         )["definition"]
         return dict(json.loads(text))
 
-    def output_image(self, name: str) -> tuple[bytes, str] | None:
-        """Return the watermarked image of a succeeded run and its content type."""
+    def output_image(self, name: str) -> tuple[bytes, str]:
+        """Return the watermarked image of a succeeded run and its content type.
+
+        Raises ImageNotFound when the run published no image or its object has been deleted.
+        """
         record = self.store.get(name)
         output = ((record.output if record else None) or {}).get("store", {}).get("output")
         if not output:
-            return None
-        response = self.engine.s3.get_object(Bucket=output["bucket"], Key=output["key"])
+            raise ImageNotFound("this execution published no image")
+
+        s3 = self.engine.s3
+        try:
+            response = s3.get_object(Bucket=output["bucket"], Key=output["key"])
+        except s3.exceptions.NoSuchKey as exc:
+            location = f"s3://{output['bucket']}/{output['key']}"
+            logger.warning(
+                "image of %s not found: %s was deleted", printable(name), printable(location)
+            )
+            raise ImageNotFound(f"the output image {location} no longer exists") from exc
         return response["Body"].read(), str(
             response.get("ContentType") or "application/octet-stream"
         )
@@ -197,8 +240,13 @@ def _detail(stack: LocalStack, name: str) -> dict[str, Any] | None:
     events = stack.store.events(name)
     runs = state_runs(events)
     states = {run.name: run.status for run in runs}
+    chain = stack.store.attempts(stack.store.root_of(name))
+    succeeded = next((attempt.name for attempt in chain if attempt.status == "SUCCEEDED"), None)
     return {
         **summary(record),
+        # A failed run whose chain already succeeded is not replayed again.
+        "replayable": record.status in FAILED_STATUSES and succeeded is None,
+        "replayedAs": succeeded if succeeded != name else None,
         "input": record.input,
         "output": record.output,
         "cause": record.cause,
@@ -228,32 +276,148 @@ def _detail(stack: LocalStack, name: str) -> dict[str, Any] | None:
     }
 
 
+def _own_origins(host: str, port: int) -> frozenset[str]:
+    # A page on the loopback interface may be opened as 127.0.0.1, localhost or [::1].
+    # NOTE: with a wildcard --host such as 0.0.0.0, the page's origin is the address that the
+    # browser used, which is not known here, so the page can list runs but not replay them.
+    names = _LOOPBACK_NAMES if host in ("127.0.0.1", "localhost", "::1") else (host,)
+    return frozenset(f"http://{name}:{port}" for name in names)
+
+
+def _origin_of(url: str) -> str:
+    parsed = urlparse(url)
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
+class _Rejected(Exception):
+    """A request rejected with a 4xx status and a JSON error."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _handler_for(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
+    from workflow.replay import AlreadyReplayed, ReplayError, ReplayInProgress, ReplayNotFound
+
     class Handler(BaseHTTPRequestHandler):
+        _responded = False
+
         def log_message(self, format: str, *args: Any) -> None:
             logger.debug("web: " + format, *args)
 
         def do_GET(self) -> None:
-            path = unquote(urlparse(self.path).path)
+            self._handle(self._get)
+
+        def do_POST(self) -> None:
+            self._handle(self._post)
+
+        def _handle(self, route: Callable[[str], None]) -> None:
+            """Route one request and send a response for every error, so no request goes unanswered."""
+            self._responded = False
+            try:
+                route(self._request_path())
+            except _Rejected as exc:
+                logger.warning(
+                    "%s %s rejected: %s", self.command, printable(self.path), printable(str(exc))
+                )
+                self._json({"error": str(exc)}, exc.status)
+            except ConnectionError as exc:
+                logger.info(
+                    "%s %s: client disconnected: %s", self.command, printable(self.path), exc
+                )
+            except Exception as exc:
+                logger.error(
+                    "%s %s failed: %s: %s",
+                    self.command,
+                    printable(self.path),
+                    type(exc).__name__,
+                    printable(str(exc)),
+                )
+                if not self._responded:
+                    self._json(
+                        {"error": "internal server error; the server log has the details"},
+                        HTTPStatus.INTERNAL_SERVER_ERROR,
+                    )
+
+        def _request_path(self) -> str:
+            try:
+                path = unquote(urlparse(self.path).path, errors="strict")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise _Rejected(HTTPStatus.BAD_REQUEST, f"invalid path: {exc}") from exc
+            if printable(path) != path:
+                raise _Rejected(
+                    HTTPStatus.BAD_REQUEST,
+                    f"invalid path '{printable(path)}': it contains a control character",
+                )
+            return path
+
+        def _get(self, path: str) -> None:
             if path.startswith("/api/"):
                 self._api_get(path.removeprefix("/api"))
                 return
             self._static(path)
 
-        def do_POST(self) -> None:
-            from workflow.replay import ReplayError
-
-            path = unquote(urlparse(self.path).path)
+        def _post(self, path: str) -> None:
             parts = path.strip("/").split("/")
-            if len(parts) == 4 and parts[:2] == ["api", "executions"] and parts[3] == "replay":
-                try:
-                    new_name = stack.replay(parts[2])
-                except ReplayError as exc:
-                    self._json({"error": str(exc)}, HTTPStatus.CONFLICT)
-                    return
-                self._json({"replay": new_name}, HTTPStatus.ACCEPTED)
+            if not (
+                len(parts) == 4 and parts[:2] == ["api", "executions"] and parts[3] == "replay"
+            ):
+                self._json({"error": f"no such endpoint: POST {path}"}, HTTPStatus.NOT_FOUND)
                 return
-            self._json({"error": f"no such endpoint: POST {path}"}, HTTPStatus.NOT_FOUND)
+            self._check_same_origin()
+            self._discard_body()
+            self._replay(parts[2])
+
+        def _check_same_origin(self) -> None:
+            """Reject cross-site requests: another page in the user's browser may POST here."""
+            origin = self.headers.get("Origin")
+            if origin is None and self.headers.get("Referer"):
+                origin = _origin_of(self.headers["Referer"])
+            if origin is not None and origin not in stack.origins:
+                raise _Rejected(
+                    HTTPStatus.FORBIDDEN,
+                    f"cross-origin request from {origin!r}; open the page at {stack.web_url}",
+                )
+
+            # A cross-site HTML form cannot send this type, and a cross-site fetch that sends
+            # it needs a CORS preflight, which this server never allows.
+            content_type = self.headers.get_content_type()
+            if self.headers.get("Content-Type") is None or content_type != "application/json":
+                raise _Rejected(
+                    HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                    f"Content-Type {self.headers.get('Content-Type')!r} is not supported; "
+                    "send application/json",
+                )
+
+        def _discard_body(self) -> None:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError as exc:
+                raise _Rejected(HTTPStatus.BAD_REQUEST, "invalid Content-Length") from exc
+            if length < 0 or length > MAX_BODY_BYTES:
+                raise _Rejected(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"request body of {length} bytes; the maximum is {MAX_BODY_BYTES}",
+                )
+            self.rfile.read(length)
+
+        def _replay(self, name: str) -> None:
+            try:
+                new_name = stack.replay(name)
+            except ReplayNotFound as exc:
+                self._json({"error": str(exc)}, HTTPStatus.NOT_FOUND)
+                return
+            except ReplayInProgress as exc:
+                self._json({"error": str(exc), "running": exc.running}, HTTPStatus.CONFLICT)
+                return
+            except AlreadyReplayed as exc:
+                self._json({"error": str(exc), "succeeded": exc.succeeded}, HTTPStatus.CONFLICT)
+                return
+            except ReplayError as exc:
+                self._json({"error": str(exc)}, HTTPStatus.CONFLICT)
+                return
+            self._json({"replay": new_name}, HTTPStatus.ACCEPTED)
 
         def _api_get(self, path: str) -> None:
             if path == "/executions":
@@ -261,11 +425,7 @@ def _handler_for(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
             elif path == "/definition":
                 self._json(stack.definition())
             elif path.startswith("/executions/") and path.endswith("/image"):
-                image = stack.output_image(path.removeprefix("/executions/").removesuffix("/image"))
-                if image is None:
-                    self._json({"error": "this execution published no image"}, HTTPStatus.NOT_FOUND)
-                else:
-                    self._send(image[0], image[1])
+                self._image(path.removeprefix("/executions/").removesuffix("/image"))
             elif path.startswith("/executions/"):
                 detail = _detail(stack, path.removeprefix("/executions/"))
                 if detail is None:
@@ -274,6 +434,14 @@ def _handler_for(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
                     self._json(detail)
             else:
                 self._json({"error": f"no such endpoint: GET /api{path}"}, HTTPStatus.NOT_FOUND)
+
+        def _image(self, name: str) -> None:
+            try:
+                body, content_type = stack.output_image(name)
+            except ImageNotFound as exc:
+                self._json({"error": str(exc)}, HTTPStatus.NOT_FOUND)
+                return
+            self._send(body, content_type)
 
         def _static(self, path: str) -> None:
             name = "index.html" if path in ("", "/") else path.lstrip("/")
@@ -289,6 +457,7 @@ def _handler_for(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
             self._send(json.dumps(body, default=str).encode("utf-8"), "application/json", status)
 
         def _send(self, body: bytes, content_type: str, status: HTTPStatus = HTTPStatus.OK) -> None:
+            self._responded = True
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))

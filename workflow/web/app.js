@@ -104,10 +104,12 @@ function renderDetail(run) {
   status.textContent = run.status;
   status.className = `status ${run.status}`;
   const replayOf = run.replayOf ? ` · replay of ${run.replayOf} from ${run.resumedFrom || "the start"}` : "";
+  const replayedAs = run.replayedAs ? ` · replayed successfully as ${run.replayedAs}` : "";
   document.getElementById("detail-info").textContent =
-    `${run.key || ""} · attempt ${run.attempt}${replayOf}`;
+    `${run.key || ""} · attempt ${run.attempt}${replayOf}${replayedAs}`;
   document.getElementById("detail-error").textContent = run.error ? `${run.error}: ${run.cause || ""}` : "";
-  document.getElementById("replay").hidden = !["FAILED", "TIMED_OUT", "ABORTED"].includes(run.status);
+  // The server offers a replay only for a failed run whose chain has no succeeded attempt.
+  document.getElementById("replay").hidden = !run.replayable;
   renderGraph(run.states);
 
   const image = document.getElementById("output-image");
@@ -139,7 +141,12 @@ async function refresh() {
 
 document.getElementById("replay").addEventListener("click", async () => {
   const message = document.getElementById("replay-message");
-  const response = await fetch(`/api/executions/${encodeURIComponent(selected)}/replay`, { method: "POST" });
+  // The server accepts only same-origin JSON posts, so a form on another site cannot start a replay.
+  const response = await fetch(`/api/executions/${encodeURIComponent(selected)}/replay`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: "{}",
+  });
   const body = await response.json();
   message.textContent = response.ok ? `started ${body.replay}` : body.error;
   if (response.ok) { selected = body.replay; refresh(); }
