@@ -10,7 +10,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: demo test setup browser lint samples clean
 
-demo: setup samples
+# The demo needs neither Node.js nor the CDK CLI, so it installs only the Python side.
+demo: $(VENV)/.installed $(MODEL) samples
 	$(BIN)/labelmark run samples/ --out processed
 
 test: setup
