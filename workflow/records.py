@@ -12,6 +12,7 @@ Layout of the state folder (default `.labelmark/`, setting `LABELMARK_STATE_DIR`
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as dt
 import hashlib
@@ -439,7 +440,8 @@ class ExecutionStore:
             rows = self._connection.execute(query, parameters).fetchall()
         return [_record(row) for row in rows]
 
-    def events(self, name: str) -> list[EventRecord]:
+    # From here on, `list` in this class body names the method above, hence `builtins.list`.
+    def events(self, name: str) -> builtins.list[EventRecord]:
         """Return the stored history events of one execution, oldest first."""
         with self._lock:
             rows = self._connection.execute(
@@ -457,7 +459,7 @@ class ExecutionStore:
             for row in rows
         ]
 
-    def attempts(self, root: str) -> list[ExecutionRecord]:
+    def attempts(self, root: str) -> builtins.list[ExecutionRecord]:
         """Return the run named ROOT and every replay of it, first attempt first."""
         with self._lock:
             rows = self._connection.execute(
