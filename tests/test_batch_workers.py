@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from workflow import batch
 from workflow.batch import ImageOutcome, InputFile, collect_inputs, run_batch
 from workflow.cli import main
 from workflow.engine import EngineConfig, LocalEngine
@@ -33,7 +34,9 @@ def _write_uploads(folder: Path) -> list[InputFile]:
         "green.jpg": _encode(Image.new("RGB", (240, 320), (30, 200, 30)), "JPEG"),
         "blue.png": _encode(Image.new("RGB", (300, 200), (30, 30, 200)), "PNG"),
         "noise.jpg": _encode(Image.effect_noise((320, 240), 40).convert("RGB"), "JPEG"),
-        "deep/folder/grey photo.jpg": _encode(Image.new("RGB", (400, 300), (128, 128, 128)), "JPEG"),
+        "deep/folder/grey photo.jpg": _encode(
+            Image.new("RGB", (400, 300), (128, 128, 128)), "JPEG"
+        ),
         "clear.png": _encode(Image.new("RGBA", (200, 200), (10, 200, 10, 100)), "PNG"),
         "empty.jpg": b"",
         "notes.jpg": b"not a picture\n" * 10,
@@ -45,7 +48,9 @@ def _write_uploads(folder: Path) -> list[InputFile]:
     return collect_inputs([folder])
 
 
-def _run(inputs: list[InputFile], root: Path, *, processes: bool) -> tuple[list[ImageOutcome], Path, Path]:
+def _run(
+    inputs: list[InputFile], root: Path, *, processes: bool
+) -> tuple[list[ImageOutcome], Path, Path]:
     """Run INPUTS with one process or with two worker processes; return outcomes and folders."""
     out_dir, state_dir = root / "out", root / "state"
     store = ExecutionStore(state_dir)
@@ -53,7 +58,9 @@ def _run(inputs: list[InputFile], root: Path, *, processes: bool) -> tuple[list[
         if processes:
             # The calling process stays out, so that both worker processes run images even in a
             # batch this small.
-            outcomes = run_with_processes(engine, inputs, out_dir, workers=2, use_calling_process=False)
+            outcomes = run_with_processes(
+                engine, inputs, out_dir, workers=2, use_calling_process=False
+            )
         else:
             outcomes = run_batch(engine, inputs, out_dir, workers=1)
     store.close()
@@ -65,11 +72,22 @@ def _outcome_view(outcome: ImageOutcome, out_dir: Path) -> tuple[Any, ...]:
         str(path.relative_to(out_dir)) if path is not None else None
         for path in (outcome.output_file, outcome.failure_file)
     ]
-    return (outcome.key, outcome.status, outcome.execution, outcome.labels, outcome.reason, *relative)
+    return (
+        outcome.key,
+        outcome.status,
+        outcome.execution,
+        outcome.labels,
+        outcome.reason,
+        *relative,
+    )
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 # Fields that differ between any two runs of one upload: the run's time and the upload's sequencer.
@@ -81,7 +99,9 @@ def _timeless(value: Any) -> Any:
     if isinstance(value, bytes):
         value = json.loads(value)
     if isinstance(value, dict):
-        stripped = {name: _timeless(item) for name, item in value.items() if name not in _TIME_FIELDS}
+        stripped = {
+            name: _timeless(item) for name, item in value.items() if name not in _TIME_FIELDS
+        }
         if stripped.get("detail-type") == "Object Created":
             # The event the local engine builds for an upload: its id contains the sequencer.
             stripped.pop("id")
@@ -185,7 +205,9 @@ def test_workers_return_input_order(both_runs: dict[str, Any], tmp_path: Path) -
     inputs = both_runs["inputs"][:3]
     with LocalEngine(CONFIG) as engine:
         seen: list[str] = []
-        outcomes = run_batch(engine, inputs, tmp_path, workers=2, on_done=lambda o: seen.append(o.key))
+        outcomes = run_batch(
+            engine, inputs, tmp_path, workers=2, on_done=lambda o: seen.append(o.key)
+        )
 
     assert [outcome.key for outcome in outcomes] == [item.key for item in inputs]
     assert sorted(seen) == sorted(item.key for item in inputs)
@@ -195,6 +217,8 @@ def test_workers_return_input_order(both_runs: dict[str, Any], tmp_path: Path) -
 def test_cli_workers_print_each_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN the uploads and a state folder for this test
     monkeypatch.setenv("LABELMARK_STATE_DIR", str(tmp_path / "state"))
+    # Worker processes start only for larger batches; this one is small, so lower the bar.
+    monkeypatch.setattr(batch, "PROCESS_BATCH_MIN", 2)
     inputs = _write_uploads(tmp_path / "uploads")
 
     # WHEN labelmark run uses two workers (the offline model: the CLI's Rekognition is the real one)

@@ -83,6 +83,12 @@ def collect_inputs(paths: Iterable[Path]) -> list[InputFile]:
     return inputs
 
 
+# A worker process takes about 2 s to start (moto's imports and the model), against roughly 0.1 s
+# of work per image, so on 2 cores a second process pays off from about 20 images
+# (bench/RESULTS.md, "End to end").
+PROCESS_BATCH_MIN = 24
+
+
 def run_batch(
     engine: LocalEngine,
     inputs: list[InputFile],
@@ -97,9 +103,11 @@ def run_batch(
     process), every execution runs in this process on ENGINE. With WORKERS of 2 or more, this
     process runs executions on ENGINE while WORKERS - 1 worker processes each start their own
     engine with the same settings (see `workflow.workers`). ON_DONE is called in this process
-    for each outcome as it arrives, and the list returned is in the order of INPUTS.
+    for each outcome as it arrives, and the list returned is in the order of INPUTS. Batches of
+    fewer than PROCESS_BATCH_MIN images also stay in this process, with WORKERS threads.
     """
-    if workers <= 1 or len(inputs) <= 1 or engine.dispatcher.fault_hook is not None:
+    small = len(inputs) < PROCESS_BATCH_MIN
+    if workers <= 1 or small or engine.dispatcher.fault_hook is not None:
         outcomes = _run_in_process(engine, inputs, out_dir, on_done, threads=workers)
     else:
         from workflow.workers import run_with_processes
