@@ -41,9 +41,10 @@ infra/node_modules/.installed: infra/package.json
 samples: $(VENV)/.installed
 	$(BIN)/python -m workflow.samples samples
 
-lint: setup
-	$(BIN)/ruff check workflow functions infra tests bench
-	$(BIN)/mypy workflow functions
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy workflow functions infra
 
 clean:
 	rm -rf $(VENV) functions/detect/model infra/node_modules infra/cdk.out processed samples

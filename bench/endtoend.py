@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import current_rss_mib, record_figures, run_child, small_photos  # noqa: E402
+from bench.common import current_rss_mib, record_figures, run_child, small_photos
 
 DEFAULT_FOLDER = Path("/tmp/labelmark-bench")
 
@@ -104,7 +104,10 @@ def run_scenario(photos: list[Path], workers: int, checkpoints: list[int]) -> di
             rss_at[str(done["count"])] = tree_rss_mib()
             own_rss_at[str(done["count"])] = current_rss_mib()
 
-    with tempfile.TemporaryDirectory() as out_dir, LocalEngine(EngineConfig(detector="local")) as engine:
+    with (
+        tempfile.TemporaryDirectory() as out_dir,
+        LocalEngine(EngineConfig(detector="local")) as engine,
+    ):
         # One warm-up image, not part of the batch, loads the model and the handler modules
         # outside the timed part.
         warm_up = Path(out_dir) / "warm-up.jpg"
@@ -120,14 +123,19 @@ def run_scenario(photos: list[Path], workers: int, checkpoints: list[int]) -> di
         stored_bytes = _stored_bytes(engine)
         handler_calls = sum(engine.dispatcher.invocations.values()) - handler_calls_before
 
-    statuses = {status: sum(1 for o in outcomes if o.status == status) for status in ("SUCCEEDED", "FAILED", "SKIPPED")}
+    statuses = {
+        status: sum(1 for o in outcomes if o.status == status)
+        for status in ("SUCCEEDED", "FAILED", "SKIPPED")
+    }
     return {
         "images": len(inputs),
         "workers": workers,
         "wall_seconds": wall,
         # With two workers, only the handlers that ran in this process.
         "handler_seconds": clock.seconds,
-        "handler_seconds_by_stage": {spec.split(".")[1]: seconds for spec, seconds in clock.by_handler.items()},
+        "handler_seconds_by_stage": {
+            spec.split(".")[1]: seconds for spec, seconds in clock.by_handler.items()
+        },
         "handler_calls": handler_calls,
         "images_per_second": len(inputs) / wall,
         "statuses": statuses,
@@ -172,9 +180,13 @@ def _stored_bytes(engine: Any) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--images", type=int, default=100, help="photos in the overhead and workers runs")
+    parser.add_argument(
+        "--images", type=int, default=100, help="photos in the overhead and workers runs"
+    )
     parser.add_argument("--long", type=int, default=1000, help="photos in the memory run")
-    parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="folder for the generated photos")
+    parser.add_argument(
+        "--folder", type=Path, default=DEFAULT_FOLDER, help="folder for the generated photos"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -188,8 +200,19 @@ def main() -> None:
         return
 
     def child(name: str, workers: int) -> dict[str, Any]:
-        return run_child(["bench/endtoend.py", "--child", f"{name}:{workers}", "--images", str(args.images),
-                          "--long", str(args.long), "--folder", str(args.folder)])
+        return run_child(
+            [
+                "bench/endtoend.py",
+                "--child",
+                f"{name}:{workers}",
+                "--images",
+                str(args.images),
+                "--long",
+                str(args.long),
+                "--folder",
+                str(args.folder),
+            ]
+        )
 
     one, two, long_run = child("medium", 1), child("medium", 2), child("small", 2)
     overhead = (one["wall_seconds"] - one["handler_seconds"]) / one["handler_seconds"]
@@ -204,26 +227,39 @@ def main() -> None:
     for run in (one, two):
         per_image = 1000 * run["wall_seconds"] / run["images"]
         stage = 1000 * run["handler_seconds"] / run["images"]
-        print(f"  {run['workers']} worker(s): {run['images_per_second']:.1f} images/s, {per_image:.0f} ms/image wall, "
-              f"{stage:.0f} ms/image in handlers{' of this process' if run['workers'] > 1 else ''}, "
-              f"{run['statuses']}")
+        print(
+            f"  {run['workers']} worker(s): {run['images_per_second']:.1f} images/s, {per_image:.0f} ms/image wall, "
+            f"{stage:.0f} ms/image in handlers{' of this process' if run['workers'] > 1 else ''}, "
+            f"{run['statuses']}"
+        )
     print(f"orchestration overhead (1 worker): {overhead:.1%} of stage work (target < 10%)")
     print(f"2 workers vs 1: {speedup:.2f}x (target >= 1.7x)")
-    print(f"{args.long} photos of 480x360, 2 workers: RSS {rss_first:.0f} MiB after 100, {rss_last:.0f} MiB after "
-          f"{args.long}: {growth:+.1%} (target < 10%); moto held {long_run['stored_mib']:.0f} MiB of objects")
-    print(f"  this process alone: {own_first:.0f} MiB after 100, {own_last:.0f} MiB after {args.long}: "
-          f"{(own_last - own_first) / own_first:+.1%}")
+    print(
+        f"{args.long} photos of 480x360, 2 workers: RSS {rss_first:.0f} MiB after 100, {rss_last:.0f} MiB after "
+        f"{args.long}: {growth:+.1%} (target < 10%); moto held {long_run['stored_mib']:.0f} MiB of objects"
+    )
+    print(
+        f"  this process alone: {own_first:.0f} MiB after 100, {own_last:.0f} MiB after {args.long}: "
+        f"{(own_last - own_first) / own_first:+.1%}"
+    )
 
-    record_figures("endtoend", {
-        "one_worker": one,
-        "two_workers": two,
-        "long_run": long_run,
-        "ratios": {"overhead_vs_stage_work": overhead, "two_vs_one_worker": speedup, "rss_growth_100_to_long": growth,
-                   "rss_growth_100_to_long_this_process": (own_last - own_first) / own_first},
-        "load_average_at_end": os.getloadavg(),
-        # Per-stage handler time per image, which the cost estimate uses for small photos.
-        "handler_ms_per_image": 1000 * one["handler_seconds"] / one["images"],
-    })
+    record_figures(
+        "endtoend",
+        {
+            "one_worker": one,
+            "two_workers": two,
+            "long_run": long_run,
+            "ratios": {
+                "overhead_vs_stage_work": overhead,
+                "two_vs_one_worker": speedup,
+                "rss_growth_100_to_long": growth,
+                "rss_growth_100_to_long_this_process": (own_last - own_first) / own_first,
+            },
+            "load_average_at_end": os.getloadavg(),
+            # Per-stage handler time per image, which the cost estimate uses for small photos.
+            "handler_ms_per_image": 1000 * one["handler_seconds"] / one["images"],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -166,6 +166,8 @@ def function_code(bundler: FunctionBundler) -> lambda_.Code:
             # CDK requires an image, but try_bundle() returns True or raises, so CDK never
             # pulls it.
             image=DockerImage.from_registry("public.ecr.aws/sam/build-python3.12"),
-            local=bundler,
+            # jsii matches ILocalBundling by the try_bundle method at run time; its Python stub
+            # declares the options as keyword arguments, which mypy cannot match.
+            local=bundler,  # type: ignore[arg-type]
         ),
     )

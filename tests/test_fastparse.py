@@ -29,8 +29,12 @@ def _shape(history: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """Return each event's type, ids and state name: what must not depend on the parse cache."""
     shape = []
     for event in history:
-        details = next((value for name, value in event.items() if name.endswith("EventDetails")), {})
-        shape.append((event["type"], event["id"], event.get("previousEventId"), details.get("name")))
+        details = next(
+            (value for name, value in event.items() if name.endswith("EventDetails")), {}
+        )
+        shape.append(
+            (event["type"], event["id"], event.get("previousEventId"), details.get("name"))
+        )
     return shape
 
 
@@ -77,7 +81,9 @@ def test_engine_installs_and_removes_cache() -> None:
         assert ExecutionWorker._get_evaluation_entrypoint is not original
         for key in ("a.jpg", "b.jpg"):
             assert engine.run(engine.upload(key, _jpeg())).status == "SUCCEEDED"
-        definition = engine.sfn.describe_state_machine(stateMachineArn=engine.state_machine_arn)["definition"]
+        definition = engine.sfn.describe_state_machine(stateMachineArn=engine.state_machine_arn)[
+            "definition"
+        ]
         assert fastparse.parse_cached(definition) is fastparse.parse_cached(definition)
 
     # AND stopping the engine restores moto's method
@@ -179,8 +185,13 @@ def test_engine_installs_and_removes_fast_copy() -> None:
     "value",
     [
         {"a": [1, 2.5, True, None, "x"], "b": {"c": {"d": []}}},  # nested JSON
-        [{"Name": "Cat", "Instances": [{"BoundingBox": {"Width": 0.5}}]}],  # labels as Rekognition returns them
-        {"when": dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "pair": (1, [2])},  # values that are not JSON
+        [
+            {"Name": "Cat", "Instances": [{"BoundingBox": {"Width": 0.5}}]}
+        ],  # labels as Rekognition returns them
+        {
+            "when": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+            "pair": (1, [2]),
+        },  # values that are not JSON
         {1: "integer key"},  # a key that is not a string
     ],
 )

@@ -34,25 +34,70 @@ def main() -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("processed"),
-              show_default=True, envvar="LABELMARK_OUT", show_envvar=True, help="Folder that receives the watermarked images, "
-              "their .labels.json sidecars and failure records.")
-@click.option("--detector", type=click.Choice(["local", "rekognition"]), default="local", show_default=True,
-              envvar="DETECTOR_BACKEND", show_envvar=True, help="Label backend: the offline model, or Amazon Rekognition "
-              "(needs AWS credentials).")
-@click.option("--workers", type=click.IntRange(1, 64), default=lambda: min(4, os.cpu_count() or 1),
-              show_default="number of cores, at most 4", envvar="LABELMARK_WORKERS", show_envvar=True,
-              help="Executions running at the same time. With 2 or more, all but one run in worker "
-              "processes, which take 1 to 2 s each to start.")
-@click.option("--prefix", "output_prefix", default="watermarked-", show_default=True, envvar="OUTPUT_PREFIX", show_envvar=True,
-              help="Put before each source key to form the published key.")
-@click.option("--max-labels", type=click.IntRange(1, 100), default=10, show_default=True, envvar="MAX_LABELS", show_envvar=True,
-              help="Labels kept per image.")
-@click.option("--min-confidence", type=click.FloatRange(0, 100), default=None, envvar="MIN_CONFIDENCE", show_envvar=True,
-              help="Lowest label confidence kept, 0 to 100 [default: 20 for local, 70 for rekognition].")
-@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              envvar="LABELMARK_STATE_DIR", show_envvar=True,
-              help="Folder of the execution records that 'labelmark replay' reads [default: .labelmark].")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("processed"),
+    show_default=True,
+    envvar="LABELMARK_OUT",
+    show_envvar=True,
+    help="Folder that receives the watermarked images, "
+    "their .labels.json sidecars and failure records.",
+)
+@click.option(
+    "--detector",
+    type=click.Choice(["local", "rekognition"]),
+    default="local",
+    show_default=True,
+    envvar="DETECTOR_BACKEND",
+    show_envvar=True,
+    help="Label backend: the offline model, or Amazon Rekognition (needs AWS credentials).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=lambda: min(4, os.cpu_count() or 1),
+    show_default="number of cores, at most 4",
+    envvar="LABELMARK_WORKERS",
+    show_envvar=True,
+    help="Executions running at the same time. With 2 or more, all but one run in worker "
+    "processes, which take 1 to 2 s each to start.",
+)
+@click.option(
+    "--prefix",
+    "output_prefix",
+    default="watermarked-",
+    show_default=True,
+    envvar="OUTPUT_PREFIX",
+    show_envvar=True,
+    help="Put before each source key to form the published key.",
+)
+@click.option(
+    "--max-labels",
+    type=click.IntRange(1, 100),
+    default=10,
+    show_default=True,
+    envvar="MAX_LABELS",
+    show_envvar=True,
+    help="Labels kept per image.",
+)
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 100),
+    default=None,
+    envvar="MIN_CONFIDENCE",
+    show_envvar=True,
+    help="Lowest label confidence kept, 0 to 100 [default: 20 for local, 70 for rekognition].",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    envvar="LABELMARK_STATE_DIR",
+    show_envvar=True,
+    help="Folder of the execution records that 'labelmark replay' reads [default: .labelmark].",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Show the stages' JSON logs.")
 def run(
     paths: tuple[Path, ...],
@@ -86,7 +131,9 @@ def run(
     if min_confidence is not None:
         function_env["MIN_CONFIDENCE"] = str(min_confidence)
     try:
-        config = EngineConfig(detector=detector, output_prefix=output_prefix, function_env=function_env)
+        config = EngineConfig(
+            detector=detector, output_prefix=output_prefix, function_env=function_env
+        )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--prefix' / OUTPUT_PREFIX") from exc
 
@@ -107,7 +154,9 @@ def run(
         sys.exit(1)
 
 
-def _run_with_progress(console: Console, engine: LocalEngine, inputs: list, out_dir: Path, workers: int) -> list[ImageOutcome]:
+def _run_with_progress(
+    console: Console, engine: LocalEngine, inputs: list, out_dir: Path, workers: int
+) -> list[ImageOutcome]:
     progress = Progress(
         TextColumn("[bold]processing"),
         BarColumn(),
@@ -128,6 +177,7 @@ def _run_with_progress(console: Console, engine: LocalEngine, inputs: list, out_
 
 def _outcome_line(outcome: ImageOutcome) -> str:
     style = _STATUS_STYLE[outcome.status]
+
     # Keys, labels and messages come from uploads: control characters are shown escaped, so a
     # file name cannot clear the screen or fake a status line.
     def safe(text: object) -> str:
@@ -143,7 +193,9 @@ def _outcome_line(outcome: ImageOutcome) -> str:
     return f"{head}  {safe(outcome.reason)}{record}  ({outcome.execution})"
 
 
-def _print_summary(console: Console, outcomes: list[ImageOutcome], seconds: float, out_dir: Path) -> None:
+def _print_summary(
+    console: Console, outcomes: list[ImageOutcome], seconds: float, out_dir: Path
+) -> None:
     counts = {status: sum(1 for o in outcomes if o.status == status) for status in _STATUS_STYLE}
     noun = "image" if len(outcomes) == 1 else "images"
     console.print(

@@ -121,7 +121,7 @@ def backfill(
     prefix: str,
     from_dir: Path | None,
     max_concurrency: int,
-    out: Path | None,
+    out: Path,
     detector: str,
     cloud: bool,
     state_machine_arn: str | None,

@@ -28,8 +28,8 @@ __all__ = [
     "EngineConfig",
     "LocalEngine",
     "RunResult",
-    "render_definition",
     "object_created_event",
+    "render_definition",
 ]
 
 REGION = "us-east-1"
@@ -83,12 +83,20 @@ def render_definition(template: str, substitutions: dict[str, str]) -> str:
         text = text.replace("${" + name + "}", value)
     if "${" in text:
         start = text.index("${")
-        raise ValueError(f"definition placeholder {text[start:text.index('}', start) + 1]} has no value")
+        raise ValueError(
+            f"definition placeholder {text[start : text.index('}', start) + 1]} has no value"
+        )
     return text
 
 
 def object_created_event(
-    bucket: str, key_encoded: str, size: int, etag: str, *, sequencer: str = "", region: str = REGION
+    bucket: str,
+    key_encoded: str,
+    size: int,
+    etag: str,
+    *,
+    sequencer: str = "",
+    region: str = REGION,
 ) -> dict[str, Any]:
     """Return an EventBridge `Object Created` event as S3 sends it (KEY_ENCODED URL-encoded)."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -225,7 +233,9 @@ class LocalEngine:
         from functions.common.events import encode_key
 
         if extra:
-            response = self.s3.put_object(Bucket=self.config.source_bucket, Key=key, Body=body, **extra)
+            response = self.s3.put_object(
+                Bucket=self.config.source_bucket, Key=key, Body=body, **extra
+            )
             etag = str(response["ETag"]).strip('"')
         else:
             stored = self._s3_backend().put_object(self.config.source_bucket, key, body)
@@ -262,7 +272,9 @@ class LocalEngine:
         from moto.core.exceptions import JsonRESTError
 
         try:
-            execution = self._sfn_backend().start_execution(self.state_machine_arn, name, input_json)
+            execution = self._sfn_backend().start_execution(
+                self.state_machine_arn, name, input_json
+            )
         except JsonRESTError as exc:
             error = {"Code": exc.error_type, "Message": exc.message}
             raise ClientError({"Error": error}, "StartExecution") from exc
@@ -292,7 +304,9 @@ class LocalEngine:
             # Wakes as soon as any execution ends, and after POLL seconds at the latest.
             wait_for_termination(poll)
 
-    def run(self, event: dict[str, Any], name: str | None = None, *, timeout: float = 600.0) -> RunResult:
+    def run(
+        self, event: dict[str, Any], name: str | None = None, *, timeout: float = 600.0
+    ) -> RunResult:
         """Start one execution for EVENT and wait for its end."""
         return self.wait(self.start_execution(event, name), timeout=timeout)
 
@@ -328,9 +342,13 @@ class LocalEngine:
         backend = self._sfn_backend()
         execution = backend.describe_execution(execution_arn)
         if execution.status not in _TERMINAL:
-            raise ValueError(f"execution {execution_arn} is {execution.status}; only ended runs can be forgotten")
+            raise ValueError(
+                f"execution {execution_arn} is {execution.status}; only ended runs can be forgotten"
+            )
         state_machine = backend.describe_state_machine(self.state_machine_arn)
-        state_machine.executions[:] = [item for item in state_machine.executions if item is not execution]
+        state_machine.executions[:] = [
+            item for item in state_machine.executions if item is not execution
+        ]
         prune_finished_threads()
 
     def history(self, execution_arn: str) -> list[dict[str, Any]]:
@@ -381,7 +399,9 @@ class LocalEngine:
             "DETECTOR_BACKEND": self.config.detector,
             # Real Rekognition cannot read objects from the in-process S3, so it gets the bytes.
             "REKOGNITION_IMAGE_SOURCE": "bytes",
-            "MIN_CONFIDENCE": os.environ.get("MIN_CONFIDENCE", "20" if self.config.detector == "local" else "70"),
+            "MIN_CONFIDENCE": os.environ.get(
+                "MIN_CONFIDENCE", "20" if self.config.detector == "local" else "70"
+            ),
             "POWERTOOLS_METRICS_DISABLED": "true",
             "POWERTOOLS_LOG_LEVEL": os.environ.get("POWERTOOLS_LOG_LEVEL", "WARNING"),
         }

@@ -186,8 +186,8 @@ def _patch_interpreter() -> None:
     original_json_path_parse = json_path.parse
     original_result_path_parse = result_path.parse
 
-    ExecutionWorker._get_evaluation_entrypoint = cached_entrypoint  # type: ignore[method-assign]
-    BaseExecutionWorkerCommunication.terminated = terminated_and_notify  # type: ignore[method-assign]
+    ExecutionWorker._get_evaluation_entrypoint = cached_entrypoint  # type: ignore[method-assign,assignment]
+    BaseExecutionWorkerCommunication.terminated = terminated_and_notify  # type: ignore[method-assign,assignment]
     # A compiled jsonpath-ng expression is read-only when matched, so threads can share one.
     json_path.parse = functools.lru_cache(maxsize=4096)(original_json_path_parse)
     result_path.parse = functools.lru_cache(maxsize=4096)(original_result_path_parse)

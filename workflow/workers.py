@@ -167,7 +167,9 @@ class _Collector:
         elif kind == "error":
             index, text = message[2], message[3]
             where = "this process" if worker == _PARENT else f"worker process {worker}"
-            raise WorkerProcessError(f"running '{self.inputs[index].key}' failed in {where}:\n{text}")
+            raise WorkerProcessError(
+                f"running '{self.inputs[index].key}' failed in {where}:\n{text}"
+            )
         elif kind == "exit":
             self.exited.add(worker)
             for stage, count in message[2].items():
@@ -293,4 +295,6 @@ def _merge_invocations(engine: LocalEngine, invocations: dict[str, int]) -> None
     # The calling engine's counters then cover the whole batch, as with one process.
     with engine.dispatcher._lock:
         for stage, count in invocations.items():
-            engine.dispatcher.invocations[stage] = engine.dispatcher.invocations.get(stage, 0) + count
+            engine.dispatcher.invocations[stage] = (
+                engine.dispatcher.invocations.get(stage, 0) + count
+            )

@@ -42,7 +42,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class _Detector:
-    session: object
+    session: Any  # onnxruntime.InferenceSession
     cascade: person.FaceCascade
     label_names: list[str]
     # Pairs (class_index[k], label_index[k]): class class_index[k] adds into label

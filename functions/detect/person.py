@@ -77,22 +77,31 @@ def parse_opencv_cascade_xml(path: Path) -> dict:
     if cascade is None or (cascade.findtext("featureType") or "").strip() != "LBP":
         raise ValueError(f"{path} is not an OpenCV LBP cascade")
 
+    def child(element: ElementTree.Element, tag: str) -> ElementTree.Element:
+        found = element.find(tag)
+        if found is None:
+            raise ValueError(f"{path} has no <{tag}> under <{element.tag}>")
+        return found
+
+    def text(element: ElementTree.Element, tag: str) -> str:
+        return child(element, tag).text or ""
+
     stages = []
-    for stage in cascade.find("stages"):
+    for stage in child(cascade, "stages"):
         weak = []
-        for classifier in stage.find("weakClassifiers"):
-            nodes = [int(v) for v in classifier.findtext("internalNodes").split()]
-            leaves = [float(v) for v in classifier.findtext("leafValues").split()]
+        for classifier in child(stage, "weakClassifiers"):
+            nodes = [int(v) for v in text(classifier, "internalNodes").split()]
+            leaves = [float(v) for v in text(classifier, "leafValues").split()]
             # A depth-1 tree: left, right, feature index, then the 8 words of the subset.
             if len(nodes) != 11 or len(leaves) != 2:
                 raise ValueError(f"{path} contains a tree deeper than one split")
             weak.append({"feature": nodes[2], "subset": nodes[3:], "leaves": leaves})
-        stages.append({"threshold": float(stage.findtext("stageThreshold")), "weak": weak})
+        stages.append({"threshold": float(text(stage, "stageThreshold")), "weak": weak})
 
-    rects = [[int(v) for v in f.findtext("rect").split()] for f in cascade.find("features")]
+    rects = [[int(v) for v in text(f, "rect").split()] for f in child(cascade, "features")]
     return {
         "source": "OpenCV lbpcascade_frontalface, from scikit-image's skimage/data",
-        "window": [int(cascade.findtext("width")), int(cascade.findtext("height"))],
+        "window": [int(text(cascade, "width")), int(text(cascade, "height"))],
         "rects": rects,
         "stages": stages,
     }
@@ -345,5 +354,5 @@ def detect_faces(cascade: FaceCascade, image: Image.Image) -> list[dict]:
                 "Confidence": neighbours_to_confidence(neighbours),
             }
         )
-    instances.sort(key=lambda instance: instance["Confidence"], reverse=True)
+    instances.sort(key=lambda instance: float(instance["Confidence"]), reverse=True)  # type: ignore[arg-type]
     return instances

