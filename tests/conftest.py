@@ -26,6 +26,7 @@ os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 def _aws_test_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Keep every test away from real AWS credentials and regions and from the user's records."""
     monkeypatch.setenv("LABELMARK_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("LABELMARK_OUT", str(tmp_path / "processed"))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")

@@ -189,15 +189,21 @@ def test_replay_failed_resumes_and_exits_zero(tmp_path: Path) -> None:
     dry = CliRunner().invoke(
         main, ["replay", "--failed", "--dry-run", "--state-dir", str(tmp_path)]
     )
-    real = CliRunner().invoke(main, ["replay", "--failed", "--state-dir", str(tmp_path)])
+    out = tmp_path / "out"
+    real = CliRunner().invoke(
+        main, ["replay", "--failed", "--state-dir", str(tmp_path), "--out", str(out)]
+    )
     again = CliRunner().invoke(main, ["replay", "--failed", "--state-dir", str(tmp_path)])
 
-    # THEN the output names the new attempt and the state it resumed at
+    # THEN the output names the new attempt, the state it resumed at and the file it wrote
     plan = f"{name} -> {name}-r2 from Watermark (Detect result reused, source ETag unchanged)"
+    published = out / "watermarked-dog.jpg"
     assert dry.exit_code == 0
     assert dry.output == f"would replay {plan}\n"
     assert real.exit_code == 0
-    assert real.output == f"replayed {plan}: SUCCEEDED\n"
+    assert real.output == f"replayed {plan}: SUCCEEDED -> {published}\n"
+    assert published.is_file()
+    assert (out / "watermarked-dog.jpg.labels.json").is_file()
     assert again.output == "no failed executions to replay\n"
 
 
@@ -310,7 +316,9 @@ def test_replay_after_success_skips_run(tmp_path: Path) -> None:
         LocalEngine(config, fault_hook=hook, recorder=Recorder(store)) as engine,
     ):
         name = engine.run(engine.upload("dog.jpg", jpeg_bytes())).name
-    first = CliRunner().invoke(main, ["replay", name, "--state-dir", str(tmp_path)])
+    first = CliRunner().invoke(
+        main, ["replay", name, "--state-dir", str(tmp_path), "--out", str(tmp_path / "out")]
+    )
 
     # WHEN the first run is named again, as a dry run and for real, and with --failed
     dry = CliRunner().invoke(main, ["replay", name, "--dry-run", "--state-dir", str(tmp_path)])
@@ -319,7 +327,7 @@ def test_replay_after_success_skips_run(tmp_path: Path) -> None:
 
     # THEN each is skipped with exit status 0, and no third attempt is recorded
     assert first.exit_code == 0
-    assert first.output.endswith(": SUCCEEDED\n")
+    assert first.output.endswith(f": SUCCEEDED -> {tmp_path / 'out' / 'watermarked-dog.jpg'}\n")
     skipped = f"skipped {name}: already replayed successfully as {name}-r2\n"
     assert dry.exit_code == 0
     assert dry.output == skipped

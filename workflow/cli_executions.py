@@ -347,6 +347,17 @@ def _execution_arn(state_machine_arn: str, name: str) -> str:
     show_default=True,
     help="With --cloud: redrives or starts in flight at the same time.",
 )
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("processed"),
+    show_default=True,
+    envvar="LABELMARK_OUT",
+    show_envvar=True,
+    help="Locally: folder that receives each replay's image and .labels.json file, or its "
+    "failure record, as 'labelmark run' writes them.",
+)
 @_state_dir_option
 @_cloud_options
 def replay(
@@ -355,6 +366,7 @@ def replay(
     since: str | None,
     dry_run: bool,
     max_concurrency: int,
+    out_dir: Path,
     state_dir: Path | None,
     cloud: bool,
     state_machine_arn: str | None,
@@ -388,12 +400,14 @@ def replay(
         if not targets:
             console.print("no failed executions to replay")
             return
-        ok = _replay_local(console, store, targets, dry_run)
+        ok = _replay_local(console, store, targets, dry_run, out_dir)
     if not ok:
         sys.exit(1)
 
 
-def _replay_local(console: Console, store: ExecutionStore, names: list[str], dry_run: bool) -> bool:
+def _replay_local(
+    console: Console, store: ExecutionStore, names: list[str], dry_run: bool, out_dir: Path
+) -> bool:
     from workflow.engine import EngineConfig, LocalEngine
     from workflow.replay import AlreadyReplayed, ReplayError, plan_replay
     from workflow.replay import replay as replay_one
@@ -432,8 +446,14 @@ def _replay_local(console: Console, store: ExecutionStore, names: list[str], dry
                     console.print(f"[red]cannot replay[/red] {_console_text(str(exc))}")
                     ok = False
                     continue
+                # The local buckets vanish with this command, so the result goes to a folder.
+                from workflow.batch import write_outcome
+
+                outcome = write_outcome(engine, plan.original.source_key or "", result, out_dir)
+                written = outcome.output_file or outcome.failure_file
                 console.print(
                     f"replayed {_console_text(plan.describe())}: {_status(result.status)}"
+                    + (f" -> {_console_text(str(written))}" if written else "")
                 )
                 ok = ok and result.status == "SUCCEEDED"
     return ok
