@@ -148,8 +148,15 @@ def test_show_unknown_execution(state_dir: Path) -> None:
     assert result.exit_code == 1
     assert (
         result.output
-        == f"Error: no execution named 'nope' in {state_dir}; list them with 'labelmark executions'\n"
+        == f"Error: no execution named 'nope' in {state_dir}. List them with 'labelmark executions'.\n"
     )
+
+
+def test_show_accepts_unique_name_prefix(state_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["show", "--state-dir", str(state_dir), "cat.jpg-0123"])
+
+    assert result.exit_code == 0, result.output
+    assert "cat.jpg-0123456789abcdef" in result.output
 
 
 def test_replay_needs_names_or_failed(state_dir: Path) -> None:

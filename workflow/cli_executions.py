@@ -118,7 +118,10 @@ def _status(status: str) -> str:
 
 @click.command()
 @click.option(
-    "--status", type=click.Choice(_STATUSES), default=None, help="Only executions with this status."
+    "--status",
+    type=click.Choice(_STATUSES, case_sensitive=False),
+    default=None,
+    help="Only executions with this status.",
 )
 @click.option(
     "--since", default=None, help="Only executions started within this time, such as 30m, 1h or 2d."
@@ -165,6 +168,9 @@ def executions(
         )
         return
     table = Table("Execution", "Status", "Key", "Labels", "Started (UTC)", "Duration", "Replay of")
+    # `show` and `replay` need the whole name, so it wraps instead of being cut short.
+    table.columns[0].overflow = "fold"
+    table.columns[0].no_wrap = False
     for record in records:
         table.add_row(
             _console_text(record.name),
@@ -257,14 +263,21 @@ def show(
         return
 
     with _open_store(state_dir) as store:
-        record = store.get(execution)
+        record = store.get(execution) or _by_prefix(store, execution)
         if record is None:
             raise click.ClickException(
-                f"no execution named {execution!r} in {store.state_dir}; list them with 'labelmark executions'"
+                f"no execution named {execution!r} in {store.state_dir}. "
+                "List them with 'labelmark executions'."
             )
-        events = store.events(execution)
+        events = store.events(record.name)
     _print_header(console, record)
     _print_states(console, state_runs(events), record.started)
+
+
+def _by_prefix(store: ExecutionStore, prefix: str) -> ExecutionRecord | None:
+    """Return the one execution whose name starts with PREFIX, or None when none or several do."""
+    matches = [record for record in store.list() if record.name.startswith(prefix)]
+    return matches[0] if len(matches) == 1 else None
 
 
 def _print_header(console: Console, record: ExecutionRecord) -> None:
