@@ -151,3 +151,46 @@ def test_claim_replay_takes_over_stale_claim(tmp_path: Path) -> None:
         assert run_1_holder is None
         assert store.replay_claim("run-1") == "run-1-r3"
         assert run_2_holder == "run-2-r2"
+
+
+def test_rerun_in_later_command_replaces_record(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # GIVEN a finished record written by an earlier command (another process)
+    script = (
+        "import datetime as dt, sys\n"
+        "from workflow.records import ExecutionStore, ExecutionRecord\n"
+        "t = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)\n"
+        "with ExecutionStore(sys.argv[1]) as store:\n"
+        "    store.add_execution(ExecutionRecord('cat.jpg-1', 'arn:old', 'arn:sm', 'SUCCEEDED', {}, t))\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
+
+    # WHEN this process runs the same file again under the same name
+    with ExecutionStore(tmp_path) as store:
+        started = dt.datetime.now(dt.UTC)
+        store.add_execution(
+            ExecutionRecord("cat.jpg-1", "arn:new", "arn:sm", "RUNNING", {}, started)
+        )
+        record = store.get("cat.jpg-1")
+
+    # THEN the new run replaces the earlier record instead of merging into it
+    assert record is not None
+    assert record.arn == "arn:new"
+    assert record.status == "RUNNING"
+
+
+def test_duplicate_start_in_one_process_keeps_first(tmp_path: Path) -> None:
+    with ExecutionStore(tmp_path) as store:
+        now = dt.datetime.now(dt.UTC)
+        store.add_execution(
+            ExecutionRecord("dup.jpg-1", "arn:first", "arn:sm", "SUCCEEDED", {}, now)
+        )
+        store.add_execution(
+            ExecutionRecord("dup.jpg-1", "arn:second", "arn:sm", "RUNNING", {}, now)
+        )
+        record = store.get("dup.jpg-1")
+
+    assert record is not None
+    assert record.arn == "arn:first"

@@ -21,6 +21,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 STATE_DIR_ENV = "LABELMARK_STATE_DIR"
+# Records from before this moment belong to earlier commands (see ExecutionStore.add_execution).
+_PROCESS_STARTED = time.time()
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
 FAILED_STATUSES = frozenset({"FAILED", "TIMED_OUT", "ABORTED"})
 # The error recorded for a run whose process ended before the run did.
@@ -293,8 +296,23 @@ class ExecutionStore:
     # -- executions --------------------------------------------------------------------------
 
     def add_execution(self, record: ExecutionRecord) -> None:
-        """Insert a new execution; a second insert of the same name leaves the first in place."""
+        """Insert a new execution; a second insert of the same name leaves the first in place.
+
+        The exception is a finished record written before this process started: the same file
+        run again by a later command gets the same execution name, and that new run replaces the
+        earlier record and its events instead of merging into them.
+        """
         with self._transaction() as connection:
+            earlier = connection.execute(
+                "SELECT status, started FROM executions WHERE name = ?", (record.name,)
+            ).fetchone()
+            if (
+                earlier is not None
+                and earlier["status"] != "RUNNING"
+                and float(earlier["started"]) < _PROCESS_STARTED
+            ):
+                connection.execute("DELETE FROM events WHERE execution = ?", (record.name,))
+                connection.execute("DELETE FROM executions WHERE name = ?", (record.name,))
             connection.execute(
                 "INSERT OR IGNORE INTO executions (name, arn, state_machine_arn, status, input, output,"
                 " error, cause, started, stopped, source_bucket, source_key, source_etag,"
