@@ -66,7 +66,8 @@ def open_image(data: bytes, key: str, limits: ImageLimits) -> Image.Image:
     register_heif()
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(
-            f"'{key}' is {len(data):,} bytes, the limit is {limits.max_bytes:,} bytes"
+            f"'{key}' is {len(data):,} bytes, the limit is {limits.max_bytes:,} bytes "
+            "(MAX_OBJECT_BYTES)"
         )
 
     try:
@@ -98,7 +99,7 @@ def open_image(data: bytes, key: str, limits: ImageLimits) -> Image.Image:
     if width * height > limits.max_pixels:
         raise ImageTooLargeError(
             f"'{key}' is {width}x{height} px ({width * height / 1e6:.1f} megapixels), "
-            f"the limit is {limits.max_pixels / 1e6:g} megapixels"
+            f"the limit is {limits.max_pixels / 1e6:g} megapixels (MAX_PIXELS)"
         )
     return image
 

@@ -35,7 +35,8 @@ def read_source(
     if length > max_bytes:
         response["Body"].close()
         raise ImageTooLargeError(
-            f"'{source.key}' is {length:,} bytes, the limit is {max_bytes:,} bytes"
+            f"'{source.key}' is {length:,} bytes, the limit is {max_bytes:,} bytes "
+            "(MAX_OBJECT_BYTES)"
         )
     try:
         data = response["Body"].read()

@@ -283,13 +283,14 @@ def _padding(font_px: int) -> int:
 def _check_frames(image: Image.Image, frame_count: int, options: RenderOptions, key: str) -> None:
     if frame_count > options.max_frames:
         raise ImageTooLargeError(
-            f"'{key}' has {frame_count} frames, the limit is {options.max_frames} frames"
+            f"'{key}' has {frame_count} frames, the limit is {options.max_frames} frames "
+            "(MAX_FRAMES)"
         )
     total = frame_count * image.width * image.height
     if total > options.max_pixels:
         raise ImageTooLargeError(
             f"'{key}' has {frame_count} frames of {image.width}x{image.height} px "
-            f"({total / 1e6:.1f} megapixels in all), the limit is {options.max_pixels / 1e6:g} megapixels"
+            f"({total / 1e6:.1f} megapixels in all), the limit is {options.max_pixels / 1e6:g} megapixels (MAX_PIXELS)"
         )
 
 
@@ -311,7 +312,7 @@ def _check_frame_size(
         raise ImageTooLargeError(
             f"'{key}' frame {index + 1} is {frame.width}x{frame.height} px, which brings the "
             f"frames to {total_pixels / 1e6:.1f} megapixels in all; the limit is "
-            f"{options.max_pixels / 1e6:g} megapixels"
+            f"{options.max_pixels / 1e6:g} megapixels (MAX_PIXELS)"
         )
 
 
