@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -344,3 +347,56 @@ def test_replay_after_success_skips_run(tmp_path: Path) -> None:
     assert failed.output == "no failed executions to replay\n"
     with ExecutionStore(tmp_path) as store:
         assert store.get(f"{name}-r3") is None
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that another socket is bound to and listening on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        yield int(busy.getsockname()[1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("option", "other_option"),
+    [
+        # the S3 endpoint's port is taken
+        ("--s3-port", "--port"),
+        # the web page's port is taken
+        ("--port", "--s3-port"),
+    ],
+)
+def test_serve_busy_port_exits_2(
+    tmp_path: Path, busy_port: int, option: str, other_option: str
+) -> None:
+    threads_before = {thread.name for thread in threading.enumerate()}
+
+    # WHEN serve is asked to listen on the busy port
+    result = CliRunner().invoke(
+        main,
+        ["serve", "--state-dir", str(tmp_path), option, str(busy_port), other_option, "0"],
+    )
+
+    # THEN it exits at once with status 2, naming the port and the option, and leaves nothing running
+    assert result.exit_code == 2
+    assert result.output.endswith(
+        f"Error: Invalid value for '{option}': port {busy_port} on 127.0.0.1 is in use; "
+        "pick another or pass 0 for a free one\n"
+    )
+    assert "S3 endpoint" not in result.output
+    new_threads = {thread.name for thread in threading.enumerate()} - threads_before
+    assert not {name for name in new_threads if name.startswith("labelmark")}
+
+
+def test_serve_same_port_twice_exits_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["serve", "--state-dir", str(tmp_path), "--s3-port", "7001", "--port", "7001"]
+    )
+
+    assert result.exit_code == 2
+    assert result.output.endswith(
+        "Error: --s3-port and --port are both 7001; pick two different ports or pass 0 "
+        "for free ones\n"
+    )

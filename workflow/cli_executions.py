@@ -565,8 +565,12 @@ def serve(host: str, s3_port: int, web_port: int, detector: str, state_dir: Path
     Example: labelmark serve, then aws --endpoint-url http://127.0.0.1:5000 s3 cp photo.jpg s3://labelmark-source/
     """
     from workflow.engine import EngineConfig
-    from workflow.server import LocalStack
+    from workflow.server import LocalStack, PortUnavailable
 
+    if s3_port == web_port != 0:
+        raise click.UsageError(
+            f"--s3-port and --port are both {s3_port}; pick two different ports or pass 0 for free ones"
+        )
     stack = LocalStack(
         state_dir or default_state_dir(),
         host=host,
@@ -576,7 +580,12 @@ def serve(host: str, s3_port: int, web_port: int, detector: str, state_dir: Path
     )
     try:
         stack.start()
+    except PortUnavailable as exc:
+        stack.stop()
+        option = "'--s3-port'" if exc.role == "s3" else "'--port'"
+        raise click.BadParameter(str(exc), param_hint=option) from exc
     except (OSError, RuntimeError) as exc:
+        stack.stop()
         raise click.ClickException(f"cannot start the local stack: {exc}") from exc
     click.echo(f"S3 endpoint     {stack.s3_url}")
     click.echo(f"source bucket   s3://{stack.config.source_bucket}")

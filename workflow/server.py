@@ -1,8 +1,8 @@
 """`labelmark serve`: the local engine behind an S3 endpoint, and a web page of its executions.
 
-moto's ThreadedMotoServer and the engine's in-process `mock_aws` share moto's backends when they
-run in one process, so an object put through the HTTP endpoint (aws CLI, boto3) is visible to the
-engine at once. A poller lists the source bucket every POLL_INTERVAL seconds and starts one
+moto's S3 server (its werkzeug app) and the engine's in-process `mock_aws` share moto's backends
+when they run in one process, so an object put through the HTTP endpoint (aws CLI, boto3) is
+visible to the engine at once. A poller lists the source bucket every POLL_INTERVAL seconds and starts one
 execution per new object version with an EventBridge `Object Created` event, the same input the
 AWS deployment gets. The page is static HTML and JavaScript over a small JSON API on a stdlib
 ThreadingHTTPServer; it polls the API, so it refreshes without a reload.
@@ -10,9 +10,11 @@ ThreadingHTTPServer; it polls the API, so it refreshes without a reload.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mimetypes
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +38,7 @@ from workflow.records import (
 if TYPE_CHECKING:
     from workflow.replay import ReplayPlan
 
-__all__ = ["POLL_INTERVAL", "ImageNotFound", "LocalStack"]
+__all__ = ["POLL_INTERVAL", "ImageNotFound", "LocalStack", "PortUnavailable"]
 
 POLL_INTERVAL = 0.5
 # Request bodies are read and discarded up to this size, so the client gets the response.
@@ -47,7 +49,71 @@ logger = logging.getLogger(__name__)
 
 
 class ImageNotFound(LookupError):
-    """The execution has no output image to send."""
+    """The execution is unknown or has no output image to send."""
+
+
+class PortUnavailable(Exception):
+    """Raised when a port of the local stack cannot be bound. `role` is "s3" or "web"."""
+
+    def __init__(self, role: str, host: str, port: int, cause: OSError) -> None:
+        if cause.errno == errno.EADDRINUSE:
+            message = f"port {port} on {host} is in use; pick another or pass 0 for a free one"
+        else:
+            message = f"cannot listen on {host} port {port}: {cause.strerror or cause}"
+        super().__init__(message)
+        self.role = role
+        self.port = port
+
+
+def _listen(role: str, host: str, port: int) -> socket.socket:
+    """Return a listening socket on HOST:PORT, with SO_REUSEADDR as the HTTP servers set it."""
+    from werkzeug.serving import select_address_family
+
+    try:
+        return socket.create_server((host, port), family=select_address_family(host, port))
+    except OSError as exc:
+        raise PortUnavailable(role, host, port, exc) from exc
+
+
+class _S3Endpoint:
+    """moto's S3 server, serving on a socket that is already listening.
+
+    moto's ThreadedMotoServer (moto 5.2) binds inside its thread. When the port is taken,
+    werkzeug exits that thread and start() waits for it forever, so the caller binds first.
+    """
+
+    def __init__(self, listener: socket.socket) -> None:
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+
+        host, port = listener.getsockname()[:2]
+        self.server = make_server(
+            host,
+            port,
+            DomainDispatcherApplication(create_backend_app),
+            threaded=True,
+            request_handler=MotoRequestHandler,
+            fd=listener.fileno(),
+        )
+        # make_server serves on a duplicate of the descriptor, so this copy is closed.
+        listener.close()
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="labelmark-s3", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.server.shutdown()
+            self._thread.join()
+        self.server.server_close()
 
 
 class LocalStack:
@@ -69,8 +135,10 @@ class LocalStack:
         self.engine = LocalEngine(self.config, fault_hook=fault_hook, recorder=Recorder(self.store))
         self._s3_port = s3_port
         self._web_port = web_port
-        self._moto: Any = None
+        self._s3_listener: socket.socket | None = None
+        self._s3: _S3Endpoint | None = None
         self._web: ThreadingHTTPServer | None = None
+        self._web_thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._seen: set[tuple[str, str]] = set()
         self._runs = ThreadPoolExecutor(max_workers=4, thread_name_prefix="labelmark-serve")
@@ -81,22 +149,29 @@ class LocalStack:
         self.origins: frozenset[str] = frozenset()
 
     def start(self) -> None:
-        """Start the engine, the S3 endpoint, the poller and the web server."""
-        from moto.server import ThreadedMotoServer
+        """Bind both ports, then start the engine, the S3 endpoint, the poller and the web server.
 
+        Raises PortUnavailable before anything starts when either port cannot be bound. After
+        any error, call stop() to release what was bound or started.
+        """
+        self._bind_ports()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         logging.getLogger("moto").setLevel(logging.CRITICAL)
         self.engine.start()
-        self._moto = ThreadedMotoServer(ip_address=self.host, port=self._s3_port, verbose=False)
-        self._moto.start()
-        s3_port = self._moto._server.server_port
-        self.s3_url = f"http://{self.host}:{s3_port}"
 
-        self._web = ThreadingHTTPServer((self.host, self._web_port), _handler_for(self))
+        assert self._s3_listener is not None and self._web is not None
+        self._s3 = _S3Endpoint(self._s3_listener)
+        self._s3_listener = None
+        self._s3.start()
+        self.s3_url = f"http://{self.host}:{self._s3.port}"
+
         web_port = self._web.server_address[1]
         self.web_url = f"http://{self.host}:{web_port}/"
         self.origins = _own_origins(self.host, web_port)
-        threading.Thread(target=self._web.serve_forever, name="labelmark-web", daemon=True).start()
+        self._web_thread = threading.Thread(
+            target=self._web.serve_forever, name="labelmark-web", daemon=True
+        )
+        self._web_thread.start()
         threading.Thread(target=self._poll_uploads, name="labelmark-uploads", daemon=True).start()
         logger.info("serving S3 at %s and the executions page at %s", self.s3_url, self.web_url)
 
@@ -105,14 +180,27 @@ class LocalStack:
         while not self._stopped.wait(0.5):
             pass
 
+    def _bind_ports(self) -> None:
+        self._s3_listener = _listen("s3", self.host, self._s3_port)
+        try:
+            self._web = ThreadingHTTPServer((self.host, self._web_port), _handler_for(self))
+        except OSError as exc:
+            self._s3_listener.close()
+            self._s3_listener = None
+            raise PortUnavailable("web", self.host, self._web_port, exc) from exc
+
     def stop(self) -> None:
         """Stop accepting uploads and requests, let runs finish recording, and stop the engine."""
         self._stopped.set()
         if self._web is not None:
-            self._web.shutdown()
+            # shutdown() waits for serve_forever to return, so it is called only once that runs.
+            if self._web_thread is not None:
+                self._web.shutdown()
             self._web.server_close()
-        if self._moto is not None:
-            self._moto.stop()
+        if self._s3_listener is not None:
+            self._s3_listener.close()
+        if self._s3 is not None:
+            self._s3.stop()
         self._runs.shutdown(wait=True, cancel_futures=True)
         self.engine.stop()
         self.store.close()
