@@ -400,3 +400,41 @@ def test_serve_same_port_twice_exits_2(tmp_path: Path) -> None:
         "Error: --s3-port and --port are both 7001; pick two different ports or pass 0 "
         "for free ones\n"
     )
+
+
+def test_executions_shows_skipped_reason(tmp_path: Path) -> None:
+    # GIVEN a run that the Guard skipped, which Step Functions stores as SUCCEEDED
+    with ExecutionStore(tmp_path) as store:
+        store.add_execution(
+            ExecutionRecord(
+                "empty.jpg-0123456789abcdef",
+                "arn:x",
+                "arn:sm",
+                "RUNNING",
+                {"detail": {"object": {"key": "empty.jpg", "size": 0}}},
+                T0,
+                source_key="empty.jpg",
+            )
+        )
+        store.finish(
+            "empty.jpg-0123456789abcdef",
+            "SUCCEEDED",
+            stopped=T0 + dt.timedelta(seconds=0.5),
+            output={"skipped": "object is zero bytes"},
+        )
+
+    # WHEN the runs are listed
+    result = CliRunner().invoke(
+        main, ["executions", "--state-dir", str(tmp_path)], env={"COLUMNS": "160"}
+    )
+
+    # THEN the status column shows SKIPPED with the reason, and the stored status is unchanged
+    assert result.exit_code == 0
+    assert result.output.splitlines()[3] == (
+        "│ empty.jpg-0123456789abcdef │ SKIPPED (object is zero bytes) │ empty.jpg │ -      "
+        "│ 2026-03-20 12:00:00 │ 0.50 s   │ -         │"
+    )
+    with ExecutionStore(tmp_path) as store:
+        record = store.get("empty.jpg-0123456789abcdef")
+    assert record is not None
+    assert record.status == "SUCCEEDED"

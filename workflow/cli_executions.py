@@ -36,6 +36,7 @@ __all__ = ["executions", "parse_since", "replay", "serve", "show"]
 _STATUSES = ["RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"]
 _STATUS_STYLE = {
     "SUCCEEDED": "green",
+    "SKIPPED": "yellow",
     "FAILED": "red",
     "RUNNING": "cyan",
     "TIMED_OUT": "red",
@@ -113,6 +114,15 @@ def _status(status: str) -> str:
     return f"[{style}]{status}[/{style}]"
 
 
+def _record_status(record: ExecutionRecord) -> str:
+    # The pipeline's Guard ends a skipped run in a Succeed state with the reason in $.skipped, so
+    # Step Functions stores it as SUCCEEDED. The table shows SKIPPED, as 'labelmark run' does.
+    reason = (record.output or {}).get("skipped") if record.status == "SUCCEEDED" else None
+    if not reason:
+        return _status(record.status)
+    return f"{_status('SKIPPED')} ({_console_text(str(reason))})"
+
+
 # -- executions -------------------------------------------------------------------------------
 
 
@@ -174,7 +184,7 @@ def executions(
     for record in records:
         table.add_row(
             _console_text(record.name),
-            _status(record.status),
+            _record_status(record),
             _console_text(record.source_key or "-"),
             _console_text(", ".join(record.labels[:3]) or "-"),
             _time(record.started),
