@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
 import json
 import logging
@@ -19,7 +20,8 @@ import pytest
 
 from tests.conftest import jpeg_bytes
 from workflow.engine import EngineConfig
-from workflow.server import LocalStack
+from workflow.records import EventRecord
+from workflow.server import LocalStack, error_message, find_failed_state
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -31,6 +33,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-sync",
 ]
+# True when the page is wider than the window, so it scrolls sideways.
+_PAGE_OVERFLOWS = "document.documentElement.scrollWidth > document.documentElement.clientWidth"
+T0 = dt.datetime(2026, 3, 20, 12, 0, tzinfo=dt.UTC)
 
 if not os.environ.get("CI") and not (Path(CHROMIUM).exists() or shutil.which("chromium")):
     pytest.skip(
@@ -73,7 +78,8 @@ def test_serve_page_shows_runs_and_replays_failure(
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
+        # A narrow window, so that any text too long for its pane shows as page overflow.
+        page = browser.new_page(viewport={"width": 900, "height": 800})
         page.goto(running.web_url)
 
         # GIVEN an upload through the S3 endpoint, THEN its run appears and succeeds
@@ -91,6 +97,19 @@ def test_serve_page_shows_runs_and_replays_failure(
             "document.getElementById('output-image').naturalWidth > 0", timeout=10_000
         )
         expect(page.locator("#replay")).to_be_hidden()
+        expect(page.locator("#detail-error")).to_be_hidden()
+
+        # GIVEN an empty upload, THEN its run shows as SKIPPED with the Guard's reason
+        s3.put_object(Bucket="labelmark-source", Key="empty.jpg", Body=b"")
+        empty = page.locator("#executions tbody tr", has_text="empty.jpg")
+        expect(empty.locator("td.status")).to_have_text("SKIPPED", timeout=20_000)
+        expect(empty.locator("td.status")).to_have_attribute("title", "object is zero bytes")
+        empty.click()
+        expect(page.locator("#detail-status")).to_have_text("SKIPPED")
+        expect(page.locator("#detail-skipped")).to_have_text(
+            "Skipped by the Guard state: object is zero bytes"
+        )
+        expect(page.locator("#detail-error")).to_be_hidden()
 
         # GIVEN an upload while Watermark fails, THEN the run fails with Watermark marked red
         broken.set()
@@ -99,7 +118,23 @@ def test_serve_page_shows_runs_and_replays_failure(
         expect(bad.locator("td.status")).to_have_text("FAILED", timeout=20_000)
         bad.click()
         expect(page.locator('g.state.caught[data-state="Watermark"]')).to_have_count(1)
-        expect(page.locator("#detail-error")).to_contain_text("InjectedFault")
+        expect(bad.locator("td.status")).to_have_attribute("title", "InjectedFault in Watermark")
+        expect(page.locator("#detail-skipped")).to_be_hidden()
+
+        # THEN one line shows the error type, the failed state and the message, with the cause folded
+        expect(page.locator("#error-summary")).to_have_text(
+            "InjectedFault in Watermark: watermark disabled by the test"
+        )
+        expect(page.locator("#cause")).to_be_hidden()
+        assert page.evaluate(_PAGE_OVERFLOWS) is False
+
+        # WHEN the cause is opened, THEN the stack trace shows, wrapped within the page
+        page.locator("#error-cause summary").click()
+        expect(page.locator("#cause")).to_be_visible()
+        expect(page.locator("#cause")).to_contain_text('"stackTrace"')
+        page.wait_for_timeout(1_500)  # a redraw of the page must keep the cause open
+        expect(page.locator("#cause")).to_be_visible()
+        assert page.evaluate(_PAGE_OVERFLOWS) is False
         detect_calls = running.engine.dispatcher.invocations["detect"]
 
         # WHEN the cause is removed and Replay is pressed
@@ -112,6 +147,7 @@ def test_serve_page_shows_runs_and_replays_failure(
         )
         expect(page.locator("#detail-status")).to_have_text("SUCCEEDED", timeout=20_000)
         expect(page.locator("#detail-info")).to_contain_text("from Watermark")
+        expect(page.locator("#detail-error")).to_be_hidden()
         assert running.engine.dispatcher.invocations["detect"] == detect_calls
 
         # WHEN the first attempt is opened again, THEN it offers no second replay
@@ -341,3 +377,118 @@ def test_serve_unexpected_error_internal_error(
     ]
     assert all(record.exc_info is None for record in caplog.records)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_serve_api_failed_run_summary(stack: tuple[LocalStack, threading.Event]) -> None:
+    # GIVEN a run that failed in Watermark
+    running, broken = stack
+    name = _failed_upload(running, broken, "summary.jpg")
+
+    # WHEN the list and the run are requested
+    _, _, listed = _request(running, "GET", "/api/executions")
+    _, _, detail = _request(running, "GET", f"/api/executions/{name}")
+
+    # THEN both name the failed state, the error type and the message from the JSON cause
+    entry = next(item for item in listed["executions"] if item["name"] == name)
+    for body in (entry, detail):
+        assert body["status"] == "FAILED"
+        assert body["failedState"] == "Watermark"
+        assert body["error"] == "InjectedFault"
+        assert body["errorMessage"] == "watermark disabled by the test"
+        assert body["skipped"] is None
+    assert json.loads(detail["cause"])["errorType"] == "InjectedFault"
+
+
+def test_serve_api_skipped_run_reason(stack: tuple[LocalStack, threading.Event]) -> None:
+    # GIVEN an empty upload, which the Guard skips
+    running, _ = stack
+    s3 = boto3.client("s3", endpoint_url=running.s3_url, region_name="us-east-1")
+    s3.put_object(Bucket="labelmark-source", Key="empty.jpg", Body=b"")
+    name = _run_of(running, "empty.jpg", "SUCCEEDED")
+
+    # WHEN the list, the run and its image are requested
+    _, _, listed = _request(running, "GET", "/api/executions")
+    _, _, detail = _request(running, "GET", f"/api/executions/{name}")
+    image_status, _, image = _request(running, "GET", f"/api/executions/{name}/image")
+
+    # THEN the Step Functions status stays SUCCEEDED and `skipped` has the reason
+    entry = next(item for item in listed["executions"] if item["name"] == name)
+    for body in (entry, detail):
+        assert body["status"] == "SUCCEEDED"
+        assert body["skipped"] == "object is zero bytes"
+        assert body["failedState"] is None
+        assert body["errorMessage"] is None
+    assert image_status == 404
+    assert image == {"error": "this execution published no image"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        # the run's image
+        "/api/executions/nope/image",
+        # the run itself
+        "/api/executions/nope",
+    ],
+)
+def test_serve_unknown_execution_not_found(
+    stack: tuple[LocalStack, threading.Event], path: str
+) -> None:
+    running, _ = stack
+
+    status, content_type, body = _request(running, "GET", path)
+
+    assert status == 404
+    assert content_type == "application/json"
+    assert body == {"error": "no execution named 'nope'"}
+
+
+def _event(event_id: int, kind: str, state: str | None, **details: str) -> EventRecord:
+    return EventRecord(event_id, event_id - 1, kind, T0, state, {"name": state, **details})
+
+
+def test_find_failed_state_prefers_failure_record() -> None:
+    # GIVEN a history where Detect's error was caught and RecordFailure was entered later
+    failure = {"failure": {"failedState": "Detect", "error": "InjectedFault"}}
+    events = [
+        _event(1, "TaskStateEntered", "Detect"),
+        _event(2, "TaskStateExited", "Detect"),
+        _event(3, "PassStateEntered", "DetectFailed"),
+        _event(4, "PassStateExited", "DetectFailed", output=json.dumps(failure)),
+        _event(5, "TaskStateEntered", "RecordFailure"),
+        _event(6, "FailStateEntered", "Failed"),
+    ]
+
+    assert find_failed_state(events) == "Detect"
+
+
+def test_find_failed_state_last_entered_without_record() -> None:
+    # GIVEN a run whose process ended while Store ran, so no failure record was built
+    events = [
+        _event(1, "TaskStateEntered", "Watermark"),
+        _event(2, "TaskStateExited", "Watermark"),
+        _event(3, "TaskStateEntered", "Store"),
+    ]
+
+    assert find_failed_state(events) == "Store"
+    assert find_failed_state([]) is None
+
+
+@pytest.mark.parametrize(
+    ("cause", "expected"),
+    [
+        # a Lambda error: JSON with errorType, errorMessage and stackTrace
+        (json.dumps({"errorType": "E", "errorMessage": "bad", "stackTrace": ["x"]}), "bad"),
+        # a plain-text cause, as States.Runtime errors have
+        (
+            "An error occurred while executing the state",
+            "An error occurred while executing the state",
+        ),
+        # JSON without errorMessage is shown as it is
+        ('{"detail": 1}', '{"detail": 1}'),
+        # no cause at all
+        (None, None),
+    ],
+)
+def test_error_message_from_cause(cause: str | None, expected: str | None) -> None:
+    assert error_message(cause) == expected

@@ -10,6 +10,7 @@ ThreadingHTTPServer; it polls the API, so it refreshes without a reload.
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import json
 import logging
@@ -29,6 +30,7 @@ from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine, object_created_event
 from workflow.records import (
     FAILED_STATUSES,
+    EventRecord,
     ExecutionRecord,
     ExecutionStore,
     Recorder,
@@ -38,7 +40,16 @@ from workflow.records import (
 if TYPE_CHECKING:
     from workflow.replay import ReplayPlan
 
-__all__ = ["POLL_INTERVAL", "ImageNotFound", "LocalStack", "PortUnavailable"]
+__all__ = [
+    "POLL_INTERVAL",
+    "ImageNotFound",
+    "LocalStack",
+    "PortUnavailable",
+    "error_message",
+    "find_failed_state",
+    "skipped_reason",
+    "summary",
+]
 
 POLL_INTERVAL = 0.5
 # Request bodies are read and discarded up to this size, so the client gets the response.
@@ -143,6 +154,9 @@ class LocalStack:
         self._seen: set[tuple[str, str]] = set()
         self._runs = ThreadPoolExecutor(max_workers=4, thread_name_prefix="labelmark-serve")
         self._replay_lock = threading.Lock()
+        # Failed state by (execution, stop time). A failed run's history no longer changes, so
+        # each is read once instead of on every poll of the list.
+        self._failed_states: dict[tuple[str, dt.datetime | None], str | None] = {}
         self.s3_url = ""
         self.web_url = ""
         # Origins the page may be loaded from. POSTs from any other origin are rejected.
@@ -280,13 +294,25 @@ class LocalStack:
         )["definition"]
         return dict(json.loads(text))
 
+    def failed_state(self, record: ExecutionRecord) -> str | None:
+        """Return the state a failed, timed-out or aborted run stopped in, or None for other runs."""
+        if record.status not in FAILED_STATUSES:
+            return None
+        key = (record.name, record.stopped)
+        if key not in self._failed_states:
+            self._failed_states[key] = find_failed_state(self.store.events(record.name))
+        return self._failed_states[key]
+
     def output_image(self, name: str) -> tuple[bytes, str]:
         """Return the watermarked image of a succeeded run and its content type.
 
-        Raises ImageNotFound when the run published no image or its object has been deleted.
+        Raises ImageNotFound when no execution has that name, the run published no image or its
+        object has been deleted.
         """
         record = self.store.get(name)
-        output = ((record.output if record else None) or {}).get("store", {}).get("output")
+        if record is None:
+            raise ImageNotFound(f"no execution named {name!r}")
+        output = (record.output or {}).get("store", {}).get("output")
         if not output:
             raise ImageNotFound("this execution published no image")
 
@@ -304,11 +330,72 @@ class LocalStack:
         )
 
 
+def error_message(cause: str | None) -> str | None:
+    """Return the `errorMessage` of a JSON error cause, or the cause itself when it is other text.
+
+    A Lambda error's cause is a JSON object with errorType, errorMessage and stackTrace. Other
+    causes, such as those of States.Runtime errors, are plain sentences.
+    """
+    if not cause:
+        return None
+    try:
+        parsed = json.loads(cause)
+    except json.JSONDecodeError:
+        return cause
+    if isinstance(parsed, dict) and "errorMessage" in parsed:
+        return str(parsed["errorMessage"])
+    return cause
+
+
+def find_failed_state(events: list[EventRecord]) -> str | None:
+    """Return the state a failed run stopped in, from its history events, or None without events.
+
+    The pipeline catches a stage's error in a Pass state named <Stage>Failed, whose output carries
+    the failure record with `failedState`. A run that never reached one (an uncaught error, a
+    timeout, a process that ended mid-run) stopped in the last state it entered.
+    """
+    last_entered: str | None = None
+    for event in events:
+        if event.type == "PassStateExited" and (event.state or "").endswith("Failed"):
+            recorded = _recorded_failed_state(event.details.get("output"))
+            if recorded is not None:
+                return recorded
+        elif event.type.endswith("StateEntered") and event.type != "FailStateEntered":
+            last_entered = event.state
+    return last_entered
+
+
+def _recorded_failed_state(state_output: Any) -> str | None:
+    try:
+        failure = json.loads(state_output or "{}").get("failure")
+    except (AttributeError, TypeError, json.JSONDecodeError):
+        return None
+    if not isinstance(failure, dict) or not failure.get("failedState"):
+        return None
+    return str(failure["failedState"])
+
+
+def skipped_reason(record: ExecutionRecord) -> str | None:
+    """Return why the pipeline's Guard skipped the run, or None when it did not.
+
+    Step Functions reports a skipped run as SUCCEEDED, because the Guard ends it in a Succeed
+    state with the reason in `$.skipped`.
+    """
+    if record.status != "SUCCEEDED":
+        return None
+    reason = (record.output or {}).get("skipped")
+    return str(reason) if reason else None
+
+
 def summary(record: ExecutionRecord, failed_state: str | None = None) -> dict[str, Any]:
-    """Return the JSON the page lists for one execution."""
+    """Return the JSON the page lists for one execution.
+
+    `status` is the Step Functions status. `skipped` is the Guard's reason for a skipped run.
+    """
     return {
         "name": record.name,
         "status": record.status,
+        "skipped": skipped_reason(record),
         "key": record.source_key,
         "labels": record.labels,
         "started": record.started.isoformat(),
@@ -317,6 +404,7 @@ def summary(record: ExecutionRecord, failed_state: str | None = None) -> dict[st
         "replayOf": record.replay_of,
         "resumedFrom": record.resumed_from,
         "error": record.error,
+        "errorMessage": error_message(record.cause),
         "failedState": failed_state,
     }
 
@@ -331,7 +419,7 @@ def _detail(stack: LocalStack, name: str) -> dict[str, Any] | None:
     chain = stack.store.attempts(stack.store.root_of(name))
     succeeded = next((attempt.name for attempt in chain if attempt.status == "SUCCEEDED"), None)
     return {
-        **summary(record),
+        **summary(record, stack.failed_state(record)),
         # A failed run whose chain already succeeded is not replayed again.
         "replayable": record.status in FAILED_STATUSES and succeeded is None,
         "replayedAs": succeeded if succeeded != name else None,
@@ -509,15 +597,23 @@ def _handler_for(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
 
         def _api_get(self, path: str) -> None:
             if path == "/executions":
-                self._json({"executions": [summary(record) for record in stack.store.list()]})
+                records = stack.store.list()
+                self._json(
+                    {
+                        "executions": [
+                            summary(record, stack.failed_state(record)) for record in records
+                        ]
+                    }
+                )
             elif path == "/definition":
                 self._json(stack.definition())
             elif path.startswith("/executions/") and path.endswith("/image"):
                 self._image(path.removeprefix("/executions/").removesuffix("/image"))
             elif path.startswith("/executions/"):
-                detail = _detail(stack, path.removeprefix("/executions/"))
+                name = path.removeprefix("/executions/")
+                detail = _detail(stack, name)
                 if detail is None:
-                    self._json({"error": "no such execution"}, HTTPStatus.NOT_FOUND)
+                    self._json({"error": f"no execution named {name!r}"}, HTTPStatus.NOT_FOUND)
                 else:
                     self._json(detail)
             else:

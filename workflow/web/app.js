@@ -19,6 +19,12 @@ function cell(row, text, className) {
   return td;
 }
 
+// The Guard ends a skipped run in a Succeed state, so Step Functions reports it as SUCCEEDED and
+// the API sends the reason in `skipped`.
+function shownStatus(run) {
+  return run.skipped ? "SKIPPED" : run.status;
+}
+
 function renderList(executions) {
   const body = document.querySelector("#executions tbody");
   body.replaceChildren();
@@ -27,7 +33,10 @@ function renderList(executions) {
     row.dataset.name = run.name;
     if (run.name === selected) row.classList.add("selected");
     cell(row, run.name);
-    cell(row, run.status, `status ${run.status}`);
+    const status = shownStatus(run);
+    const statusCell = cell(row, status, `status ${status}`);
+    if (run.skipped) statusCell.title = run.skipped;
+    else if (run.failedState) statusCell.title = `${run.error} in ${run.failedState}`;
     cell(row, run.key);
     cell(row, run.labels.slice(0, 3).join(", "));
     cell(row, run.seconds == null ? "-" : `${run.seconds.toFixed(2)} s`);
@@ -101,13 +110,16 @@ function renderDetail(run) {
   document.getElementById("detail").hidden = false;
   document.getElementById("detail-name").textContent = run.name;
   const status = document.getElementById("detail-status");
-  status.textContent = run.status;
-  status.className = `status ${run.status}`;
+  status.textContent = shownStatus(run);
+  status.className = `status ${shownStatus(run)}`;
+  const skipped = document.getElementById("detail-skipped");
+  skipped.hidden = !run.skipped;
+  skipped.textContent = run.skipped ? `Skipped by the Guard state: ${run.skipped}` : "";
   const replayOf = run.replayOf ? ` · replay of ${run.replayOf} from ${run.resumedFrom || "the start"}` : "";
   const replayedAs = run.replayedAs ? ` · replayed successfully as ${run.replayedAs}` : "";
   document.getElementById("detail-info").textContent =
     `${run.key || ""} · attempt ${run.attempt}${replayOf}${replayedAs}`;
-  document.getElementById("detail-error").textContent = run.error ? `${run.error}: ${run.cause || ""}` : "";
+  renderError(run);
   // The server offers a replay only for a failed run whose chain has no succeeded attempt.
   document.getElementById("replay").hidden = !run.replayable;
   renderGraph(run.states);
@@ -125,6 +137,23 @@ function renderDetail(run) {
   }
   document.getElementById("input").textContent = JSON.stringify(run.input, null, 2);
   document.getElementById("output").textContent = JSON.stringify(run.output, null, 2);
+}
+
+// Show one line with the error type, the state and the message. The whole cause, which for a Lambda
+// error is JSON with a stack trace, stays folded in a <details> element until it is opened.
+function renderError(run) {
+  const block = document.getElementById("detail-error");
+  block.hidden = !run.error;
+  if (!run.error) return;
+  const where = run.failedState ? ` in ${run.failedState}` : "";
+  const message = run.errorMessage ? `: ${run.errorMessage}` : "";
+  document.getElementById("error-summary").textContent = `${run.error}${where}${message}`;
+
+  const cause = document.getElementById("error-cause");
+  // The page redraws every second, so the element is folded again only when another run is shown.
+  if (cause.dataset.name !== run.name) { cause.open = false; cause.dataset.name = run.name; }
+  cause.hidden = !run.cause;
+  document.getElementById("cause").textContent = run.cause || "";
 }
 
 async function refresh() {
