@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from workflow.batch import ImageOutcome, InputError, collect_inputs, run_batch
+from workflow.cli_options import detector_option, out_dir_option
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.records import ExecutionStore, Recorder
@@ -34,26 +35,10 @@ def main() -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=Path("processed"),
-    show_default=True,
-    envvar="LABELMARK_OUT",
-    show_envvar=True,
-    help="Folder that receives the watermarked images, "
-    "their .labels.json sidecars and failure records.",
+@out_dir_option(
+    "Folder that receives the watermarked images, their .labels.json sidecars and failure records."
 )
-@click.option(
-    "--detector",
-    type=click.Choice(["local", "rekognition"]),
-    default="local",
-    show_default=True,
-    envvar="DETECTOR_BACKEND",
-    show_envvar=True,
-    help="Label backend: the offline model, or Amazon Rekognition (needs AWS credentials).",
-)
+@detector_option("Label backend: the offline model, or Amazon Rekognition (needs AWS credentials).")
 @click.option(
     "--workers",
     type=click.IntRange(1, 64),

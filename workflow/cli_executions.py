@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from workflow.cli_options import detector_option, out_dir_option
 from workflow.display import printable
 from workflow.records import (
     FAILED_STATUSES,
@@ -370,16 +371,9 @@ def _execution_arn(state_machine_arn: str, name: str) -> str:
     show_default=True,
     help="With --cloud: redrives or starts in flight at the same time.",
 )
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=Path("processed"),
-    show_default=True,
-    envvar="LABELMARK_OUT",
-    show_envvar=True,
-    help="Locally: folder that receives each replay's image and .labels.json file, or its "
-    "failure record, as 'labelmark run' writes them.",
+@out_dir_option(
+    "Locally: folder that receives each replay's image and .labels.json file, or its "
+    "failure record, as 'labelmark run' writes them."
 )
 @_state_dir_option
 @_cloud_options
@@ -558,14 +552,7 @@ def _replay_cloud(
     show_default=True,
     help="Port of the web page; 0 picks a free one.",
 )
-@click.option(
-    "--detector",
-    type=click.Choice(["local", "rekognition"]),
-    default="local",
-    show_default=True,
-    envvar="DETECTOR_BACKEND",
-    help="Label backend: the offline model, or Amazon Rekognition.",
-)
+@detector_option("Label backend: the offline model, or Amazon Rekognition.")
 @_state_dir_option
 def serve(host: str, s3_port: int, web_port: int, detector: str, state_dir: Path | None) -> None:
     """Run the pipeline behind a local S3 endpoint, with a web page of its executions.

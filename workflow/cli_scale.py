@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from workflow.cli_options import detector_option, out_dir_option
 from workflow.display import printable
 from workflow.records import ExecutionStore, Recorder
 
@@ -91,24 +92,12 @@ def cost(images: int, backend: str, workflow: str) -> None:
     show_default=True,
     help="Locally: pipeline executions running at the same time.",
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("processed"),
-    show_default=True,
-    envvar="LABELMARK_OUT",
-    show_envvar=True,
-    help="Locally: folder that receives the watermarked images, their .labels.json files, "
+@out_dir_option(
+    "Locally: folder that receives the watermarked images, their .labels.json files, "
     "failure records and the results file (under labelmark-backfill/).",
+    name="out",
 )
-@click.option(
-    "--detector",
-    type=click.Choice(["local", "rekognition"]),
-    default="local",
-    show_default=True,
-    envvar="DETECTOR_BACKEND",
-    help="Locally: label backend, the offline model or Amazon Rekognition.",
-)
+@detector_option("Locally: label backend, the offline model or Amazon Rekognition.")
 @click.option(
     "--cloud", is_flag=True, help="Start the deployed backfill state machine in AWS instead."
 )
