@@ -12,8 +12,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -463,14 +461,3 @@ def _run_result(description: dict[str, Any]) -> RunResult:
         started=description.get("startDate"),
         stopped=description.get("stopDate"),
     )
-
-
-@contextmanager
-def local_engine(config: EngineConfig | None = None, **kwargs: Any) -> Iterator[LocalEngine]:
-    """Yield a started LocalEngine and stop it afterwards."""
-    engine = LocalEngine(config, **kwargs)
-    engine.start()
-    try:
-        yield engine
-    finally:
-        engine.stop()

@@ -19,7 +19,6 @@ __all__ = [
     "check_output_prefix",
     "execution_name",
     "failure_key",
-    "is_pipeline_key",
     "output_key",
     "sidecar_key",
     "staging_key",
@@ -103,12 +102,6 @@ def execution_name(source: SourceObject) -> str:
     stem = _NAME_UNSAFE.sub("-", source.key.rsplit("/", 1)[-1]).strip("-.") or "object"
     room = _NAME_MAX - len(digest) - 1
     return f"{stem[:room]}-{digest}"
-
-
-def is_pipeline_key(key: str, output_prefix: str) -> bool:
-    """Return True for keys the pipeline writes itself, which must never start a run."""
-    prefixes = (STAGING_PREFIX, FAILURE_PREFIX) + ((output_prefix,) if output_prefix else ())
-    return key.startswith(prefixes)
 
 
 def _content_digest(source: SourceObject) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["label_names", "trim_labels"]
+__all__ = ["trim_labels"]
 
 _MAX_INSTANCES = 10
 
@@ -30,11 +30,6 @@ def trim_labels(
     ]
     kept.sort(key=lambda label: -float(label["Confidence"]))
     return [_trim_one(label) for label in kept[:max_labels]]
-
-
-def label_names(labels: list[dict[str, Any]]) -> list[str]:
-    """Return the labels' names in order."""
-    return [str(label["Name"]) for label in labels]
 
 
 def _trim_one(label: dict[str, Any]) -> dict[str, Any]:
