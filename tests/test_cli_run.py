@@ -38,8 +38,8 @@ def sample_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
 def test_run_samples_exits_zero(sample_run: tuple) -> None:
     result, _ = sample_run
     assert result.exit_code == 0, result.output
-    assert "7 images" in result.output
-    assert "7 succeeded, 0 skipped, 0 failed" in result.output
+    assert "6 images" in result.output
+    assert "6 succeeded, 0 skipped, 0 failed" in result.output
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_run_output_has_darker_band_at_bottom(sample_run: tuple) -> None:
 def test_run_line_per_image_names_execution(sample_run: tuple) -> None:
     result, _ = sample_run
     lines = [line for line in result.output.splitlines() if line.startswith("SUCCEEDED")]
-    assert len(lines) == 7
+    assert len(lines) == 6
     assert any("samples/chelsea.png" in line and "Cat" in line for line in lines)
     assert all(line.rstrip().endswith(")") for line in lines)
 

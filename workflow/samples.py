@@ -1,8 +1,9 @@
 """Write the sample photos that `make demo` runs the pipeline on.
 
-The photos come from scikit-image's data folder, which its wheel ships (the images are public
-domain or CC0, see skimage/data/README.txt). Two of them are also saved the way phones save
-pictures: a JPEG stored sideways with an EXIF orientation tag, and a HEIC file.
+The photos come from scikit-image's data folder, which its wheel ships; the four used here are
+public domain or CC0 as the docstrings in skimage/data/_fetchers.py state. Two of them are also
+saved the way phones save pictures: a JPEG stored sideways with an EXIF orientation tag, and a
+HEIC file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from PIL import Image
 
 __all__ = ["write_samples"]
 
-_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png", "motorcycle_left.png")
+_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png")
 _ORIENTATION_TAG = 0x0112
 _ROTATED_90_CW = 6  # EXIF: the stored pixels must be turned 90 degrees clockwise to be upright
 
