@@ -16,7 +16,7 @@ from workflow.batch import ImageOutcome, InputFile, collect_inputs, run_batch
 from workflow.cli import main
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.records import ExecutionStore, Recorder
-from workflow.workers import run_with_processes
+from workflow.workers import WorkerPool, run_with_processes
 
 CONFIG = EngineConfig(detector="rekognition", real_rekognition=False)
 
@@ -233,3 +233,95 @@ def test_cli_workers_print_each_image(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "8 images" in result.output
     assert "6 succeeded, 1 skipped, 1 failed" in result.output
     assert result.exit_code == 1
+
+
+def _assert_gone(pool: WorkerPool) -> None:
+    import os
+
+    for worker, process in pool.processes.items():
+        assert not process.is_alive(), worker
+        assert process.exitcode is not None, worker
+        # Joined, so the process is reaped and its id is free.
+        with pytest.raises(ProcessLookupError):
+            os.kill(process.pid, 0)
+
+
+def test_pool_started_first_gives_same_outcomes(
+    both_runs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a batch large enough for worker processes, and a pool started before the engine
+    monkeypatch.setattr(batch, "PROCESS_BATCH_MIN", 2)
+    single_outcomes, single_out, single_state = both_runs["single"]
+    out_dir, state_dir = tmp_path / "out", tmp_path / "state"
+    store = ExecutionStore(state_dir)
+    recorder = Recorder(store)
+
+    # WHEN run_batch runs the uploads with the pool, as `labelmark run` does
+    with (
+        WorkerPool(CONFIG, processes=1, recorder=recorder) as pool,
+        LocalEngine(CONFIG, recorder=recorder) as engine,
+    ):
+        outcomes = run_batch(engine, both_runs["inputs"], out_dir, workers=2, pool=pool)
+    store.close()
+
+    # THEN outcomes, files and records are those of one worker, and the pool has stopped
+    assert sorted(_outcome_view(o, out_dir) for o in outcomes) == sorted(
+        _outcome_view(o, single_out) for o in single_outcomes
+    )
+    assert sorted(_files(out_dir)) == sorted(_files(single_out))
+    assert _records(state_dir) == _records(single_state)
+    assert [outcome.key for outcome in outcomes] == [item.key for item in both_runs["inputs"]]
+    _assert_gone(pool)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("the progress display failed"),
+        # What Ctrl-C raises in the calling process.
+        KeyboardInterrupt(),
+    ],
+)
+def test_pool_stops_after_batch_error(
+    both_runs: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: BaseException,
+) -> None:
+    # GIVEN a pool and an outcome callback that raises on the first outcome
+    monkeypatch.setattr(batch, "PROCESS_BATCH_MIN", 2)
+
+    def fail(_: ImageOutcome) -> None:
+        raise error
+
+    # WHEN the batch raises
+    with (
+        pytest.raises(type(error)),
+        WorkerPool(CONFIG, processes=2) as pool,
+        LocalEngine(CONFIG) as engine,
+    ):
+        run_batch(engine, both_runs["inputs"], tmp_path, workers=3, on_done=fail, pool=pool)
+
+    # THEN none of the pool's processes is left
+    _assert_gone(pool)
+
+
+def test_pool_stops_on_interrupt_before_batch() -> None:
+    # GIVEN a pool whose processes are still starting their engines
+    # WHEN the calling process is interrupted before it runs a batch
+    with pytest.raises(KeyboardInterrupt), WorkerPool(CONFIG, processes=2) as pool:
+        raise KeyboardInterrupt
+
+    # THEN closing the pool stopped them
+    _assert_gone(pool)
+
+
+def test_pool_rejects_other_engine_settings(tmp_path: Path) -> None:
+    other = EngineConfig(detector="rekognition", real_rekognition=False, output_prefix="other-")
+    with (
+        WorkerPool(CONFIG, processes=1) as pool,
+        LocalEngine(other) as engine,
+        pytest.raises(ValueError, match="differs from the worker pool's"),
+    ):
+        pool.run(engine, [], tmp_path)
+    _assert_gone(pool)

@@ -8,11 +8,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from functions.common.labels import headline_names
 from workflow.engine import LocalEngine, RunResult
 from workflow.localfiles import write_object
+
+if TYPE_CHECKING:
+    from workflow.workers import WorkerPool
 
 __all__ = [
     "ImageOutcome",
@@ -96,6 +99,7 @@ def run_batch(
     *,
     workers: int = 2,
     on_done: Callable[[ImageOutcome], None] | None = None,
+    pool: WorkerPool | None = None,
 ) -> list[ImageOutcome]:
     """Upload INPUTS, run one execution each (WORKERS at a time) and write results to OUT_DIR.
 
@@ -105,10 +109,16 @@ def run_batch(
     engine with the same settings (see `workflow.workers`). ON_DONE is called in this process
     for each outcome as it arrives, and the list returned is in the order of INPUTS. Batches of
     fewer than PROCESS_BATCH_MIN images also stay in this process, with WORKERS threads.
+
+    POOL, a `WorkerPool` started with ENGINE's settings before ENGINE itself, takes the place of
+    the WORKERS - 1 processes, which are then already started. It is used only where worker
+    processes would be, and the caller closes it either way.
     """
     small = len(inputs) < PROCESS_BATCH_MIN
     if workers <= 1 or small or engine.dispatcher.fault_hook is not None:
         outcomes = _run_in_process(engine, inputs, out_dir, on_done, threads=workers)
+    elif pool is not None:
+        outcomes = pool.run(engine, inputs, out_dir, on_done=on_done)
     else:
         from workflow.workers import run_with_processes
 

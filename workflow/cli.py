@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import click
@@ -13,11 +14,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from workflow import batch
 from workflow.batch import ImageOutcome, InputError, collect_inputs, run_batch
 from workflow.cli_options import detector_option, out_dir_option
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.records import ExecutionStore, Recorder
+from workflow.workers import WorkerPool
 
 __all__ = ["main"]
 
@@ -123,24 +126,43 @@ def run(
         raise click.BadParameter(str(exc), param_hint="'--prefix' / OUTPUT_PREFIX") from exc
 
     started = time.perf_counter()
-    try:
-        # Recorded in the state folder (LABELMARK_STATE_DIR, default .labelmark) for 'labelmark replay'.
-        engine = LocalEngine(config, recorder=Recorder(ExecutionStore(state_dir)))
-        engine.start()
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from exc
-    try:
-        outcomes = _run_with_progress(console, engine, inputs, out_dir, workers)
-    finally:
-        engine.stop()
+    # Recorded in the state folder (LABELMARK_STATE_DIR, default .labelmark) for 'labelmark replay'.
+    recorder = Recorder(ExecutionStore(state_dir))
+    with _worker_pool(config, recorder, workers, len(inputs)) as pool:
+        try:
+            engine = LocalEngine(config, recorder=recorder)
+            engine.start()
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from exc
+        try:
+            outcomes = _run_with_progress(console, engine, inputs, out_dir, workers, pool)
+        finally:
+            engine.stop()
 
     _print_summary(console, outcomes, time.perf_counter() - started, out_dir)
     if any(outcome.status == "FAILED" for outcome in outcomes):
         sys.exit(1)
 
 
+def _worker_pool(
+    config: EngineConfig, recorder: Recorder, workers: int, images: int
+) -> AbstractContextManager[WorkerPool | None]:
+    """Start the worker processes now, so that they start up while this process starts its engine.
+
+    Only where `run_batch` would use worker processes: 2 or more workers and a large batch.
+    """
+    if workers < 2 or images < batch.PROCESS_BATCH_MIN:
+        return nullcontext()
+    return WorkerPool(config, processes=workers - 1, recorder=recorder)
+
+
 def _run_with_progress(
-    console: Console, engine: LocalEngine, inputs: list, out_dir: Path, workers: int
+    console: Console,
+    engine: LocalEngine,
+    inputs: list,
+    out_dir: Path,
+    workers: int,
+    pool: WorkerPool | None,
 ) -> list[ImageOutcome]:
     progress = Progress(
         TextColumn("[bold]processing"),
@@ -157,7 +179,7 @@ def _run_with_progress(
             console.print(_outcome_line(outcome), soft_wrap=True)
             progress.advance(task)
 
-        return run_batch(engine, inputs, out_dir, workers=workers, on_done=report)
+        return run_batch(engine, inputs, out_dir, workers=workers, on_done=report, pool=pool)
 
 
 def _outcome_line(outcome: ImageOutcome) -> str:

@@ -14,6 +14,10 @@ SQLite state folder as the calling engine's recorder (WAL mode, with a busy time
 
 Processes are started with the `spawn` method: moto and the recorder run threads, and a child
 forked from a process with threads can inherit a lock that one of them held.
+
+A `WorkerPool` starts the worker processes before the calling process starts its own engine, so
+that their start-up overlaps that of the calling engine; `labelmark run` uses one for large
+batches. Its workers wait on the queue until `WorkerPool.run` puts the batch on it.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from workflow.batch import ImageOutcome, InputFile, run_one
 from workflow.engine import EngineConfig, LocalEngine
+from workflow.records import ExecutionStore, Recorder
 
-__all__ = ["WorkerProcessError", "run_with_processes"]
+__all__ = ["WorkerPool", "WorkerProcessError", "run_with_processes"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,49 +79,137 @@ def run_with_processes(
     with the rest of the queue. With USE_CALLING_PROCESS off, this process only collects results
     and WORKERS processes run every image (tests use it so that small batches reach them).
     """
-    context = multiprocessing.get_context("spawn")
-    tasks: Any = context.Queue()
-    results: Any = context.Queue()
-    for index in range(len(inputs)):
-        tasks.put(index)
-    process_count = workers - 1 if use_calling_process else workers
-    for _ in range(workers):
-        tasks.put(None)
+    processes = workers - 1 if use_calling_process else workers
+    with WorkerPool(engine.config, recorder=engine.recorder, processes=processes) as pool:
+        return pool.run(
+            engine, inputs, out_dir, on_done=on_done, use_calling_process=use_calling_process
+        )
 
-    settings = _settings_of(engine)
-    processes = {
-        worker: context.Process(
-            target=_worker_main,
-            args=(worker, settings, inputs, out_dir, tasks, results),
-            name=f"labelmark-worker-{worker}",
+
+class WorkerPool:
+    """Worker processes that start their engines at once and then wait for one batch.
+
+    Create it before starting the calling engine, so that both start-ups overlap, then pass it to
+    `run_batch` (or call `run`). Use it as a context manager: leaving the block, normally or by
+    an exception such as Ctrl-C, stops every process. A pool runs one batch.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        processes: int,
+        recorder: Recorder | None = None,
+    ) -> None:
+        """Spawn PROCESSES workers, each starting an engine with CONFIG.
+
+        With RECORDER, workers record into the same state folder, with the same interval.
+        """
+        if processes < 1:
+            raise ValueError(f"invalid process count {processes}: a worker pool needs at least 1")
+        self.settings = _WorkerSettings(
+            config=config,
+            state_dir=str(recorder.store.state_dir.resolve()) if recorder is not None else None,
+            recorder_interval=recorder.interval if recorder is not None else 0.2,
+            moto_log_level=logging.getLogger("moto").level,
+        )
+        context = multiprocessing.get_context("spawn")
+        self._tasks: Any = context.Queue()
+        self._results: Any = context.Queue()
+        self.processes: dict[int, Any] = {
+            worker: context.Process(
+                target=_worker_main,
+                args=(worker, self.settings, self._tasks, self._results),
+                name=f"labelmark-worker-{worker}",
+                daemon=True,
+            )
+            for worker in range(1, processes + 1)
+        }
+        self._used = False
+        self._closed = False
+        try:
+            for process in self.processes.values():
+                process.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback_: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def run(
+        self,
+        engine: LocalEngine,
+        inputs: list[InputFile],
+        out_dir: Path,
+        *,
+        on_done: Callable[[ImageOutcome], None] | None = None,
+        use_calling_process: bool = True,
+    ) -> list[ImageOutcome]:
+        """Run INPUTS on the pool's processes and, unless USE_CALLING_PROCESS is off, on ENGINE.
+
+        Outcomes are returned, and passed to ON_DONE, in the order they finish. The processes
+        stop when the batch ends or fails, so the pool cannot run a second batch.
+        """
+        if self._used or self._closed:
+            raise RuntimeError(
+                "this worker pool has already run a batch or been closed; create one pool per batch"
+            )
+        if engine.config != self.settings.config:
+            raise ValueError(
+                "the engine's EngineConfig differs from the worker pool's. Create the pool "
+                "with the engine's EngineConfig, so that workers produce the same results"
+            )
+        self._used = True
+        for index, item in enumerate(inputs):
+            self._tasks.put((index, item, str(out_dir)))
+        # One end marker per process, and one for this process's thread.
+        for _ in range(len(self.processes) + 1):
+            self._tasks.put(None)
+
+        stop = threading.Event()
+        local = threading.Thread(
+            target=_parent_worker if use_calling_process else _no_work,
+            args=(engine, inputs, out_dir, self._tasks, self._results, stop),
+            name="labelmark-run",
             daemon=True,
         )
-        for worker in range(1, process_count + 1)
-    }
-    for process in processes.values():
-        process.start()
-    stop = threading.Event()
-    local = threading.Thread(
-        target=_parent_worker if use_calling_process else _no_work,
-        args=(engine, inputs, out_dir, tasks, results, stop),
-        name="labelmark-run",
-        daemon=True,
-    )
-    local.start()
+        local.start()
 
-    collector = _Collector(inputs, processes, on_done)
-    finished = False
-    try:
-        collector.collect(results)
-        finished = True
-    finally:
-        stop.set()
-        local.join()
-        collector.drain(results)
-        _close_workers(processes, collector.ready if finished else set())
-        collector.drain(results)
-        _merge_invocations(engine, collector.invocations)
-    return collector.outcomes
+        collector = _Collector(inputs, self.processes, on_done)
+        finished = False
+        try:
+            collector.collect(self._results)
+            finished = True
+        finally:
+            stop.set()
+            local.join()
+            collector.drain(self._results)
+            self._stop(collector.ready if finished else set())
+            collector.drain(self._results)
+            _merge_invocations(engine, collector.invocations)
+        return collector.outcomes
+
+    def close(self) -> None:
+        """Stop every process that is still running. After `run`, none is."""
+        if not self._closed:
+            # Workers that have not run a batch are not running any image, so stopping them loses nothing.
+            self._stop(set())
+
+    def _stop(self, ready: set[int]) -> None:
+        self._closed = True
+        _close_workers(self.processes, ready)
+        # Tasks left on the queue after an error have no reader any more. Without this, the
+        # queue's feeder thread would wait at exit to write them into a full pipe.
+        self._tasks.cancel_join_thread()
 
 
 class _Collector:
@@ -200,16 +294,6 @@ class _Collector:
                 )
 
 
-def _settings_of(engine: LocalEngine) -> _WorkerSettings:
-    recorder = engine.recorder
-    return _WorkerSettings(
-        config=engine.config,
-        state_dir=str(recorder.store.state_dir.resolve()) if recorder is not None else None,
-        recorder_interval=recorder.interval if recorder is not None else 0.2,
-        moto_log_level=logging.getLogger("moto").level,
-    )
-
-
 def _parent_worker(
     engine: LocalEngine,
     inputs: list[InputFile],
@@ -219,9 +303,10 @@ def _parent_worker(
     stop: threading.Event,
 ) -> None:
     while not stop.is_set():
-        index = tasks.get()
-        if index is None:
+        task = tasks.get()
+        if task is None:
             return
+        index = task[0]
         results.put(("taken", _PARENT, index))
         try:
             outcome = run_one(engine, inputs[index], out_dir)
@@ -235,15 +320,12 @@ def _no_work(*_: Any) -> None:
     pass
 
 
-def _worker_main(
-    worker: int,
-    settings: _WorkerSettings,
-    inputs: list[InputFile],
-    out_dir: Path,
-    tasks: Any,
-    results: Any,
-) -> None:
-    """Run in a worker process: start an engine, then run queued inputs until the end marker."""
+def _worker_main(worker: int, settings: _WorkerSettings, tasks: Any, results: Any) -> None:
+    """Run in a worker process: start an engine, then run queued inputs until the end marker.
+
+    Each task is (index in the batch, input, output folder), so the process can start before the
+    batch is known.
+    """
     # Ctrl-C reaches every process of the terminal's group; the calling process handles it and
     # stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -253,10 +335,11 @@ def _worker_main(
     invocations: dict[str, int] = {}
     try:
         results.put(("ready", worker))
-        while (index := tasks.get()) is not None:
+        while (task := tasks.get()) is not None:
+            index, item, out_dir = task
             results.put(("taken", worker, index))
             try:
-                outcome = run_one(engine, inputs[index], out_dir)
+                outcome = run_one(engine, item, Path(out_dir))
             except Exception:  # sent to the calling process, which raises it
                 results.put(("error", worker, index, traceback.format_exc()))
                 return
@@ -269,11 +352,9 @@ def _worker_main(
         results.put(("exit", worker, invocations))
 
 
-def _recorder(settings: _WorkerSettings) -> Any:
+def _recorder(settings: _WorkerSettings) -> Recorder | None:
     if settings.state_dir is None:
         return None
-    from workflow.records import ExecutionStore, Recorder
-
     return Recorder(ExecutionStore(settings.state_dir), interval=settings.recorder_interval)
 
 
