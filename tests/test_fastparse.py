@@ -133,7 +133,12 @@ def _run_histories_full(*, fast_copy: bool) -> list[list[dict[str, Any]]]:
             for name in fastparse._COPYING_MODULES:
                 importlib.import_module(name).copy = copy  # type: ignore[attr-defined]
         for key in ("clean.jpg", "folder/", "retry.jpg", "notes.jpg"):
-            body = b"" if key.endswith("/") else b"text" if key == "notes.jpg" else _jpeg()
+            if key.endswith("/"):
+                body = b""
+            elif key == "notes.jpg":
+                body = b"text"
+            else:
+                body = _jpeg()
             event = engine.upload(key, body)
             # The event's id and time come from the clock; fixed here so both runs get one input.
             event["id"], event["time"] = f"fixed-{key}", "2026-01-01T00:00:00Z"

@@ -116,9 +116,9 @@ def _status(status: str) -> str:
 
 
 def _record_status(record: ExecutionRecord) -> str:
-    # The pipeline's Guard ends a skipped run in a Succeed state with the reason in $.skipped, so
-    # Step Functions stores it as SUCCEEDED. The table shows SKIPPED, as 'labelmark run' does.
-    reason = (record.output or {}).get("skipped") if record.status == "SUCCEEDED" else None
+    # Step Functions stores a skipped run as SUCCEEDED. The table shows SKIPPED, as
+    # 'labelmark run' does.
+    reason = record.skipped_reason
     if not reason:
         return _status(record.status)
     return f"{_status('SKIPPED')} ({_console_text(str(reason))})"

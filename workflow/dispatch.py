@@ -136,7 +136,7 @@ class LambdaDispatcher:
             return future.result(timeout=function.timeout_seconds)
         except FutureTimeout as exc:
             # NOTE: a thread cannot be stopped, so a timed-out handler runs on in the background
-            # until it returns; the run has already moved on, as it would on AWS.
+            # until it returns. The run has already moved on, as it would on AWS.
             raise _Timeout from exc
 
     @staticmethod

@@ -121,8 +121,8 @@ def object_created_event(
 class LocalEngine:
     """Buckets and the state machine in moto, with Lambda tasks run in this process.
 
-    Use it as a context manager: entering starts moto's mocks and creates the buckets and the state
-    machine; leaving stops them and discards everything they contained.
+    Use it as a context manager. Entering starts moto's mocks and creates the buckets and the state
+    machine, and leaving stops them and discards everything they contained.
     """
 
     def __init__(

@@ -133,6 +133,18 @@ class ExecutionRecord:
     engine_config: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def skipped_reason(self) -> str | None:
+        """Return why the pipeline's Guard skipped the run, or None when it did not.
+
+        Step Functions reports a skipped run as SUCCEEDED, because the Guard ends it in a
+        Succeed state with the reason in `$.skipped`.
+        """
+        if self.status != "SUCCEEDED":
+            return None
+        reason = (self.output or {}).get("skipped")
+        return str(reason) if reason else None
+
+    @property
     def seconds(self) -> float | None:
         """Return the run's duration, or None while it runs."""
         return (self.stopped - self.started).total_seconds() if self.stopped else None

@@ -46,7 +46,7 @@ _NAME_MAX = 80
 
 
 class ReplayError(Exception):
-    """A run cannot be replayed; the message says why and what to do."""
+    """A run cannot be replayed. The message states why and what to do."""
 
 
 class ReplayNotFound(ReplayError):
@@ -73,7 +73,7 @@ class ReplayInProgress(ReplayError):
 
 @dataclass(frozen=True)
 class ReplayPlan:
-    """What a replay of one failed run will do."""
+    """The plan for replaying one failed run: its new name, input and the state it starts at."""
 
     original: ExecutionRecord
     name: str

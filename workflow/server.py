@@ -47,7 +47,6 @@ __all__ = [
     "PortUnavailable",
     "error_message",
     "find_failed_state",
-    "skipped_reason",
     "summary",
 ]
 
@@ -375,18 +374,6 @@ def _recorded_failed_state(state_output: Any) -> str | None:
     return str(failure["failedState"])
 
 
-def skipped_reason(record: ExecutionRecord) -> str | None:
-    """Return why the pipeline's Guard skipped the run, or None when it did not.
-
-    Step Functions reports a skipped run as SUCCEEDED, because the Guard ends it in a Succeed
-    state with the reason in `$.skipped`.
-    """
-    if record.status != "SUCCEEDED":
-        return None
-    reason = (record.output or {}).get("skipped")
-    return str(reason) if reason else None
-
-
 def summary(record: ExecutionRecord, failed_state: str | None = None) -> dict[str, Any]:
     """Return the JSON the page lists for one execution.
 
@@ -395,7 +382,7 @@ def summary(record: ExecutionRecord, failed_state: str | None = None) -> dict[st
     return {
         "name": record.name,
         "status": record.status,
-        "skipped": skipped_reason(record),
+        "skipped": record.skipped_reason,
         "key": record.source_key,
         "labels": record.labels,
         "started": record.started.isoformat(),

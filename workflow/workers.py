@@ -55,7 +55,7 @@ class WorkerProcessError(RuntimeError):
 
 @dataclass(frozen=True)
 class _WorkerSettings:
-    """What a worker process needs to build an engine like the caller's."""
+    """Settings a worker process needs to build an engine like the caller's."""
 
     config: EngineConfig
     state_dir: str | None
@@ -361,7 +361,7 @@ def _recorder(settings: _WorkerSettings) -> Recorder | None:
 def _close_workers(processes: dict[int, Any], ready: set[int]) -> None:
     """Let the READY workers stop their engines and exit; terminate the others.
 
-    After a complete batch, a worker that is not ready is still starting and holds no image.
+    After a complete batch, a worker that is not ready is still starting and has no image.
     After an error, READY is empty, so every worker stops at once.
     """
     for worker, process in processes.items():

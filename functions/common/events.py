@@ -3,7 +3,8 @@
 Two shapes arrive: the EventBridge `Object Created` event (what the state machine is started with)
 and the S3 notification `Records[]` shape (S3 to SNS, SQS or Lambda). In both, S3 sends the object
 key URL-encoded in the form style: a space arrives as `+` and a literal `+` as `%2B`. This module is
-the one place that decodes it, exactly once; every other module works with decoded keys.
+the one place that decodes it, exactly once, and every other module works with decoded keys. Events
+that the backfill state machine builds from ListObjectsV2 carry keys as stored and are not decoded.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ __all__ = [
     "register_heif",
 ]
 
-# Pillow format names accepted as input, with the names a person knows them by.
+# Pillow format names accepted as input, with the common name of each format.
 SUPPORTED_FORMATS = {
     "JPEG": "JPEG",
     "MPO": "JPEG",

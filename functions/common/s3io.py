@@ -16,7 +16,7 @@ def read_source(
 ) -> tuple[bytes, SourceObject]:
     """Return the source object's bytes and the source with the size and ETag actually read.
 
-    When SOURCE carries an ETag, the read is conditional on it, so every stage of one run sees the
+    When SOURCE carries an ETag, the read is conditional on it, so every stage of one run reads the
     same content even if the object is overwritten meanwhile.
     """
     s3 = s3 or client("s3")

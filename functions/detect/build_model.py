@@ -397,7 +397,7 @@ def build(output_dir: Path, weights_path: Path | None = None) -> Path:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     model_path = output_dir / MODEL_FILENAME
-    # Write beside the target, then rename, so a running process never sees half a file.
+    # Write beside the target, then rename, so a running process never reads half a file.
     partial = model_path.with_suffix(".onnx.partial")
     partial.write_bytes(payload)
     os.replace(partial, model_path)

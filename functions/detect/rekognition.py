@@ -50,7 +50,7 @@ def fitted_jpeg(image: Image.Image) -> bytes:
         height = max(MIN_SIDE, round(copy.height * scale))
         copy = copy.resize((width, height))
     if max(copy.size) > MAX_SIDE:
-        # Only a strip thinner than 1:125 gets here; Rekognition sees its middle part.
+        # Only a strip thinner than 1:125 gets here, and Rekognition receives its middle part.
         left = (copy.width - min(copy.width, MAX_SIDE)) // 2
         top = (copy.height - min(copy.height, MAX_SIDE)) // 2
         copy = copy.crop(

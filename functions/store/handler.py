@@ -86,7 +86,7 @@ def store(
             "and no published copy of this upload exists; run the watermark stage again"
         )
     # NOTE: S3 offers no conditional CopyObject here, so two runs that pass this check at the same
-    # moment can still publish in either order; the check closes the common case of a slow run.
+    # moment can still publish in either order. The check closes the common case of a slow run.
     if published is not None and _is_older(source.sequencer, published.get("source-sequencer")):
         logger.warning(
             "upload superseded by a newer one; nothing published",

@@ -2,7 +2,7 @@
 
 Only the rows under the band are touched: the band is blended in the image's own mode, so a large
 photo is never converted to RGBA as a whole. Orientation from EXIF is applied first, so the band
-lands at the bottom of the picture as a person sees it.
+lands at the bottom of the picture as it is displayed.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ CONTENT_TYPES = {
 
 @dataclass(frozen=True)
 class RenderOptions:
-    """How the watermark is drawn and the result encoded."""
+    """Drawing and encoding settings of the watermark."""
 
     jpeg_quality: int = 90
     keep_private_metadata: bool = False
@@ -199,8 +199,8 @@ def draw_band(image: Image.Image, text: str) -> Image.Image:
 def _darken(band: Image.Image) -> Image.Image:
     """Return BAND with a translucent black layer over it."""
     if band.mode in {"RGBA", "LA"}:
-        # Blending would scale the colour of fully transparent pixels too and then make them
-        # partly opaque, revealing whatever colour they hid; compositing a black layer does not.
+        # Blending would scale the colour of fully transparent pixels and make them partly
+        # opaque, which reveals the colour they hid. Compositing a black layer does not.
         layer = Image.new("RGBA", band.size, (0, 0, 0, round(255 * BAND_OPACITY)))
         return Image.alpha_composite(band.convert("RGBA"), layer).convert(band.mode)
     dark = Image.new(band.mode, band.size, _BLACK[band.mode])
