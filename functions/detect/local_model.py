@@ -3,7 +3,9 @@
 The classifier scores ImageNet's 1000 classes. ``labels/imagenet_general.json`` maps each class
 to general labels with their parents, and a class's probability adds into each of them, so a
 label's confidence is the probability that the photo shows any of its classes. People are found
-by a frontal-face cascade (``person.py``) because ImageNet has no person class.
+by a frontal-face cascade (``person.py``) because ImageNet has no person class, and by an SSD
+object detector trained on COCO (``objects.py``), which also finds 79 kinds of objects with
+their boxes. A label's confidence is the higher of the classifier's and the detector's.
 
 The model files are built at install time by ``python -m functions.detect.build_model`` into
 ``functions/detect/model/``, or into the folder that ``LABELMARK_MODEL_DIR`` names.
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, JpegImagePlugin
 
-from functions.detect import person
+from functions.detect import objects, person
 from functions.detect.build_model import INPUT_SIZE, MODEL_FILENAME
 
 MODEL_DIR_ENV = "LABELMARK_MODEL_DIR"
@@ -51,6 +53,8 @@ class _Detector:
     label_index: np.ndarray
     parents: dict[str, list[str]]
     categories: dict[str, str]
+    # None when the model folder has no object detector (built without npm).
+    objects: objects.ObjectDetector | None
 
 
 _detector: _Detector | None = None
@@ -107,6 +111,12 @@ def _load_detector() -> _Detector:
     )
     names, matrix, parents, categories = _load_label_table()
     class_index, label_index = np.nonzero(matrix)
+    object_detector = objects.load_object_detector(folder, options)
+    if object_detector is not None:
+        # The ImageNet table's entries win; the detector adds only the labels it lacks.
+        for name, entry in object_detector.extra_labels.items():
+            parents.setdefault(name, entry["parents"])
+            categories.setdefault(name, entry["category"])
     return _Detector(
         session,
         person.load_cascade(cascade_path),
@@ -115,6 +125,7 @@ def _load_detector() -> _Detector:
         label_index,
         parents,
         categories,
+        object_detector,
     )
 
 
@@ -199,7 +210,9 @@ def detect_labels(
 
     Each label is ``{"Name", "Confidence" (0-100), "Parents": [{"Name"}], "Categories":
     [{"Name"}], "Instances": [...]}``. Parents are also returned as labels of their own, with at
-    least their best child's confidence. Only "Person" has instances, one per detected face.
+    least their best child's confidence. "Person" has one instance per detected face, or per
+    person box of the object detector when no face was found; the detector's other labels have
+    one instance per box.
     """
     if max_labels < 1:
         raise ValueError(f"max_labels must be at least 1, got {max_labels}")
@@ -227,6 +240,18 @@ def detect_labels(
         face_confidence = max(face["Confidence"] for face in faces)
         scores["Person"] = max(scores.get("Person", 0.0), face_confidence)
 
+    found = objects.detect_objects(detector.objects, rgb) if detector.objects else {}
+    for name, boxes in found.items():
+        confidence = boxes[0]["Confidence"]
+        # A parent is at least as confident as its child, as with the classifier's labels.
+        for label in (name, *detector.parents.get(name, [])):
+            scores[label] = max(scores.get(label, 0.0), confidence)
+    instances_by_label = dict(found)
+    # Face boxes stay the Person instances when there are any, so the boxes do not change for
+    # photos the cascade already handled; the detector's person boxes fill in otherwise.
+    if faces:
+        instances_by_label["Person"] = faces
+
     # Labels under the threshold are dropped anyway, and ranking all 700 costs far more time.
     confident_scores = {name: score for name, score in scores.items() if score >= min_confidence}
     labels: list[dict[str, Any]] = []
@@ -234,7 +259,7 @@ def detect_labels(
         confidence = confident_scores[name]
         if len(labels) >= max_labels:
             break
-        instances = faces if name == "Person" else []
+        instances = instances_by_label.get(name, [])
         labels.append(_label(name, min(confidence, 100.0), detector, instances))
     return labels
 
