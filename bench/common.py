@@ -87,6 +87,23 @@ def write_camera_photos(folder: Path) -> list[Path]:
     return paths
 
 
+def camera_photos(folder: Path, count: int) -> list[Path]:
+    """Write COUNT distinct camera-like JPEGs (CAMERA_PHOTOS in turn) into FOLDER once.
+
+    Each photo has its own noise, so no two files are the same; they are kept between runs
+    because a 12 MP photo takes about a second to make.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        name, size, orientation = CAMERA_PHOTOS[index % len(CAMERA_PHOTOS)]
+        path = folder / f"camera-{index:05d}-{name}-o{orientation}.jpg"
+        if not path.exists():
+            path.write_bytes(camera_jpeg(name, size, orientation, seed=1000 + index))
+        paths.append(path)
+    return paths
+
+
 def small_photos(folder: Path, count: int, size: tuple[int, int] = (1600, 1200)) -> list[Path]:
     """Write COUNT distinct JPEGs of SIZE (1 to 2 MP) into FOLDER once and return their paths."""
     folder.mkdir(parents=True, exist_ok=True)
