@@ -285,7 +285,7 @@ def main() -> int:
 
     print(
         f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{local_model.INTRA_OP_THREADS} onnxruntime threads; load average "
+        f"{local_model.model_threads()} onnxruntime threads; load average "
         f"{load_before:.1f} before, {load_after:.1f} after"
     )
     print(f"{'step, ' + str(TIMING_RUNS) + ' runs':44} {'median':>6} {'max':>6} {'CPU':>6}  (ms)")

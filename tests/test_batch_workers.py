@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from workflow import batch
+from workflow import batch, workers
 from workflow.batch import ImageOutcome, InputFile, collect_inputs, run_batch
 from workflow.cli import main
 from workflow.engine import EngineConfig, LocalEngine
@@ -325,3 +325,16 @@ def test_pool_rejects_other_engine_settings(tmp_path: Path) -> None:
     ):
         pool.run(engine, [], tmp_path)
     _assert_gone(pool)
+
+
+@pytest.mark.parametrize(
+    ("cores", "processes", "threads"),
+    [(2, 1, 2), (2, 2, 1), (2, 3, 1), (8, 3, 2), (1, 2, 1)],
+)
+def test_model_threads_share_the_cores(
+    monkeypatch: pytest.MonkeyPatch, cores: int, processes: int, threads: int
+) -> None:
+    # GIVEN CORES usable cores WHEN PROCESSES processes run the label model THEN each uses its share
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
+
+    assert workers.model_threads_per_process(processes) == threads

@@ -372,3 +372,29 @@ def test_group_rectangles_chunks_agree(monkeypatch):
     assert [count for _, count in chunked] == [count for _, count in whole]
     for (mean_chunked, _), (mean_whole, _) in zip(chunked, whole, strict=True):
         np.testing.assert_allclose(mean_chunked, mean_whole)
+
+
+@needs_model
+def test_set_model_threads_reloads_with_new_count():
+    # GIVEN a loaded model WHEN the thread count changes THEN the next call runs a session built
+    # with that count, and going back to the default restores the default
+    local_model.get_detector()
+    try:
+        local_model.set_model_threads(1)
+        session = local_model.get_detector().session
+        assert session.get_session_options().intra_op_num_threads == 1
+        assert "Cat" in _top_names(local_model.detect_labels(_photo("chelsea")))
+    finally:
+        local_model.set_model_threads(None)
+    default = local_model.get_detector().session.get_session_options().intra_op_num_threads
+    assert default == local_model.DEFAULT_THREADS
+
+
+def test_model_threads_from_environment(monkeypatch):
+    monkeypatch.setenv(local_model.THREADS_ENV, "3")
+    assert local_model.model_threads() == 3
+    monkeypatch.setenv(local_model.THREADS_ENV, "zero")
+    with pytest.raises(ValueError, match="LABELMARK_MODEL_THREADS"):
+        local_model.model_threads()
+    with pytest.raises(ValueError, match="at least 1"):
+        local_model.set_model_threads(0)

@@ -12,6 +12,10 @@ Execution names are derived from each object's key and ETag, so they, the output
 execution records are the same whichever process runs an image. Workers record into the same
 SQLite state folder as the calling engine's recorder (WAL mode, with a busy timeout).
 
+Each process runs the label model with its share of the cores (`model_threads_per_process`):
+with two processes on two cores, one thread each, so that the model's threads in one process do
+not take the core the other process is running on.
+
 Processes are started with the `spawn` method: moto and the recorder run threads, and a child
 forked from a process with threads can inherit a lock that one of them held.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -38,7 +43,7 @@ from workflow.batch import ImageOutcome, InputFile, run_one
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.records import ExecutionStore, Recorder
 
-__all__ = ["WorkerPool", "WorkerProcessError", "run_with_processes"]
+__all__ = ["WorkerPool", "WorkerProcessError", "model_threads_per_process", "run_with_processes"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,9 @@ class _WorkerSettings:
     state_dir: str | None
     recorder_interval: float
     moto_log_level: int
+    # Threads for the label model in each process, so that the processes together use each core
+    # once instead of each running the model on every core.
+    model_threads: int
 
 
 def run_with_processes(
@@ -112,6 +120,7 @@ class WorkerPool:
             state_dir=str(recorder.store.state_dir.resolve()) if recorder is not None else None,
             recorder_interval=recorder.interval if recorder is not None else 0.2,
             moto_log_level=logging.getLogger("moto").level,
+            model_threads=model_threads_per_process(processes + 1),
         )
         context = multiprocessing.get_context("spawn")
         self._tasks: Any = context.Queue()
@@ -169,6 +178,9 @@ class WorkerPool:
                 "with the engine's EngineConfig, so that workers produce the same results"
             )
         self._used = True
+        restore_threads = None
+        if use_calling_process and engine.config.detector == "local":
+            restore_threads = _share_cores(self.settings.model_threads)
         for index, item in enumerate(inputs):
             self._tasks.put((index, item, str(out_dir)))
         # One end marker per process, and one for this process's thread.
@@ -196,6 +208,8 @@ class WorkerPool:
             self._stop(collector.ready if finished else set())
             collector.drain(self._results)
             _merge_invocations(engine, collector.invocations)
+            if restore_threads is not None:
+                restore_threads()
         return collector.outcomes
 
     def close(self) -> None:
@@ -330,6 +344,9 @@ def _worker_main(worker: int, settings: _WorkerSettings, tasks: Any, results: An
     # stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.getLogger("moto").setLevel(settings.moto_log_level)
+    from functions.detect.local_model import THREADS_ENV
+
+    os.environ[THREADS_ENV] = str(settings.model_threads)
     engine = LocalEngine(settings.config, recorder=_recorder(settings))
     engine.start()
     invocations: dict[str, int] = {}
@@ -350,6 +367,23 @@ def _worker_main(worker: int, settings: _WorkerSettings, tasks: Any, results: An
         if engine.recorder is not None:
             engine.recorder.store.close()
         results.put(("exit", worker, invocations))
+
+
+def model_threads_per_process(processes: int) -> int:
+    """Return the label model's thread count for each of PROCESSES processes on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // processes)
+
+
+def _share_cores(threads: int) -> Callable[[], None]:
+    """Run this process's label model with THREADS threads; return a function that undoes it."""
+    from functions.detect import local_model
+
+    previous = local_model.model_threads()
+    if previous == threads:
+        return lambda: None
+    local_model.set_model_threads(threads)
+    return lambda: local_model.set_model_threads(previous)
 
 
 def _recorder(settings: _WorkerSettings) -> Recorder | None:

@@ -30,8 +30,12 @@ MODEL_DIR_ENV = "LABELMARK_MODEL_DIR"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
 LABEL_TABLE_PATH = Path(__file__).resolve().parent / "labels" / "imagenet_general.json"
 
-# Two threads match a 2-vCPU Lambda function; more threads than cores only add contention.
-INTRA_OP_THREADS = min(2, os.cpu_count() or 1)
+# Threads each model call may use. Two match a 2-vCPU Lambda function; more threads than cores
+# only add contention. LABELMARK_MODEL_THREADS sets another count, and `set_model_threads`
+# changes it in a running process: `labelmark run` gives each of its worker processes its share
+# of the cores.
+THREADS_ENV = "LABELMARK_MODEL_THREADS"
+DEFAULT_THREADS = min(2, os.cpu_count() or 1)
 
 # JPEG draft decoding picks the smallest 1/2, 1/4 or 1/8 scale that is still at least this
 # size, which leaves enough pixels for the 224 px classifier and the face cascade.
@@ -59,6 +63,34 @@ class _Detector:
 
 _detector: _Detector | None = None
 _detector_lock = threading.Lock()
+_threads: int | None = None  # set by set_model_threads; None reads THREADS_ENV
+
+
+def model_threads() -> int:
+    """Return the thread count the model runs with (or will run with once loaded)."""
+    if _threads is not None:
+        return _threads
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return DEFAULT_THREADS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"invalid {THREADS_ENV} {value!r}: expected a whole number of at least 1")
+    return int(value)
+
+
+def set_model_threads(count: int | None) -> None:
+    """Run the model with COUNT threads from now on (None: back to the default).
+
+    A model already loaded with another count is loaded again on its next use.
+    """
+    global _detector, _threads
+    if count is not None and count < 1:
+        raise ValueError(f"invalid model thread count {count}: expected at least 1")
+    with _detector_lock:
+        before = model_threads()
+        _threads = count
+        if _detector is not None and model_threads() != before:
+            _detector = None
 
 
 def model_dir() -> Path:
@@ -96,7 +128,7 @@ def _load_detector() -> _Detector:
             )
 
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = INTRA_OP_THREADS
+    options.intra_op_num_threads = model_threads()
     options.inter_op_num_threads = 1
     # Both are onnxruntime 1.32's defaults, set here so the model keeps its fused convolution +
     # clip kernels and reuses activation buffers between calls if a release changes them.
