@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from functions.common.errors import CorruptImageError, ImageTooLargeError
 from functions.common.imaging import ImageLimits, load_pixels, open_image
-from functions.watermark.render import MAX_ENLARGED_SIDE, RenderOptions, render
+from functions.watermark.render import (
+    MAX_ENLARGED_SIDE,
+    RenderOptions,
+    band_layout,
+    draw_band,
+    paint_band,
+    render,
+)
 
 
 def _encode(image: Image.Image, image_format: str, **save: object) -> bytes:
@@ -95,3 +103,19 @@ def test_band_keeps_hidden_colour_of_transparent_pixels_hidden() -> None:
     # THEN the band over them is translucent black, not a darkened copy of the hidden colour
     assert published.getpixel((2, 198)) == (0, 0, 0, 140)
     assert published.getpixel((2, 2)) == (178, 118, 72, 0)
+
+
+def test_band_on_bottom_strip_matches_whole_image() -> None:
+    # GIVEN a noisy picture and the band laid out for its full size
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), "RGB")
+    layout = band_layout(image.size, "Cat  ·  Mammal  ·  Animal")
+    top = layout.first_row // 16 * 16
+
+    # WHEN the band is drawn on the whole picture, and on a strip cut from its bottom
+    whole = draw_band(image.copy(), "Cat  ·  Mammal  ·  Animal")
+    strip = paint_band(image.crop((0, top, 640, 480)), layout, row_offset=top)
+
+    # THEN the strip has the same pixels as the whole picture's bottom rows
+    assert np.array_equal(np.asarray(strip), np.asarray(whole)[top:])
+    assert not np.array_equal(np.asarray(whole)[top:], np.asarray(image)[top:])

@@ -16,9 +16,12 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, ImageSequence
 from functions.common.errors import CorruptImageError, ImageTooLargeError
 
 __all__ = [
+    "BandLayout",
     "RenderOptions",
     "RenderedImage",
+    "band_layout",
     "draw_band",
+    "paint_band",
     "render",
     "watermark_text",
 ]
@@ -177,22 +180,56 @@ def render(
     )
 
 
+@dataclass(frozen=True)
+class BandLayout:
+    """Position of the band and its text on an image of a given size."""
+
+    font: ImageFont.FreeTypeFont
+    line: str
+    top: int  # first pixel row of the band; the band reaches the bottom edge
+    text_origin: tuple[int, float]  # left and top of the text, as ImageDraw.text takes them
+    text_top: float  # highest pixel row the drawn text can reach
+
+    @property
+    def first_row(self) -> int:
+        """Return the first pixel row that drawing the band may change."""
+        return math.floor(min(self.top, self.text_top))
+
+
+def band_layout(size: tuple[int, int], text: str) -> BandLayout:
+    """Lay out the band and TEXT on an image of SIZE (width, height)."""
+    width, height = size
+    font_px = max(MIN_FONT_PX, round(min(width, height) * FONT_SCALE))
+    font, line = _fit_text(text, font_px, max_width=width - 2 * _padding(font_px))
+
+    band_height = min(height, math.ceil(font.size * 1.7))
+    top = height - band_height
+    origin = (_padding(font_px), top + (band_height - font.size) // 2)
+    # Some glyphs (accents on capitals) reach above the font's ascender line.
+    glyph_top = origin[1] + font.getbbox(line)[1] if line else origin[1]
+    return BandLayout(font, line, top, origin, text_top=glyph_top)
+
+
 def draw_band(image: Image.Image, text: str) -> Image.Image:
     """Darken a band along the bottom of IMAGE and write TEXT on it, in place where possible.
 
     IMAGE must be in a mode with known black and white (RGB, RGBA, L, LA, CMYK).
     """
-    width, height = image.size
-    font_px = max(MIN_FONT_PX, round(min(width, height) * FONT_SCALE))
-    font, line = _fit_text(text, font_px, max_width=width - 2 * _padding(font_px))
+    return paint_band(image, band_layout(image.size, text))
 
-    band_height = min(height, math.ceil(font.size * 1.7))
-    box = (0, height - band_height, width, height)
+
+def paint_band(image: Image.Image, layout: BandLayout, *, row_offset: int = 0) -> Image.Image:
+    """Draw the band of LAYOUT on IMAGE, in place where possible.
+
+    IMAGE contains the rows from ROW_OFFSET to the bottom of the picture that LAYOUT was made
+    for, so that the band can be drawn on a strip cut from the bottom of a larger image.
+    """
+    box = (0, max(0, layout.top - row_offset), image.width, image.height)
     image.paste(_darken(image.crop(box)), box)
 
     draw = ImageDraw.Draw(image)
-    text_top = height - band_height + (band_height - font.size) // 2
-    draw.text((_padding(font_px), text_top), line, font=font, fill=_WHITE[image.mode])
+    left, top = layout.text_origin
+    draw.text((left, top - row_offset), layout.line, font=layout.font, fill=_WHITE[image.mode])
     return image
 
 
