@@ -8,7 +8,7 @@ EXIF orientation 6), each in its own child process pinned to one core:
 - render: what the watermark stage does between reading and writing S3 (`open_image`,
   `load_pixels`, `render`): orientation applied, band blended on the bottom rows, and for an
   unrotated JPEG a re-encode with the source's own quantization tables (`quality="keep"`).
-- band: `band_only_render` (functions/watermark/band_rewrite.py), which reads the DCT
+- band: `band_only_render` (bench/band_rewrite.py), which reads the DCT
   coefficients with jpeglib and rewrites only the MCU rows under the band. The two rotated
   photos fall back to `load_pixels` and `render`. Skipped when jpeglib is not installed.
 - naive: open, convert the whole picture to RGBA, draw band and text on an RGBA overlay,
@@ -57,8 +57,8 @@ def _render(data: bytes) -> bytes:
 
 
 def _band(data: bytes) -> bytes:
+    from bench.band_rewrite import band_only_render
     from functions.common.imaging import ImageLimits, load_pixels, open_image
-    from functions.watermark.band_rewrite import band_only_render
     from functions.watermark.render import RenderOptions, render
 
     image = open_image(data, "bench.jpg", ImageLimits())
@@ -147,7 +147,7 @@ def main() -> None:
         print(json.dumps(run_variant(args.child, photos, args.rounds)))
         return
 
-    from functions.watermark.band_rewrite import rewrite_available
+    from bench.band_rewrite import rewrite_available
 
     variants = [v for v in VARIANTS if v != "band" or rewrite_available()]
     results = {

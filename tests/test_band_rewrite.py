@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.band_rewrite import band_only_render, parse_layout
 from functions.common.imaging import ImageLimits, load_pixels, open_image
-from functions.watermark.band_rewrite import band_only_render, parse_layout
 from functions.watermark.render import RenderOptions, band_layout, render
 
 jpeglib = pytest.importorskip("jpeglib")
