@@ -120,6 +120,30 @@ def test_engine_records_permanent_error_and_fails() -> None:
     assert invocations["watermark"] == 1  # permanent errors are not retried
 
 
+def test_engine_history_matches_the_client() -> None:
+    # GIVEN a run that retried and failed WHEN its history is read from moto's backend THEN the
+    # events equal those GetExecutionHistory returns through the Step Functions client
+    calls = {"watermark": 0}
+
+    def flaky_then_corrupt(stage: str, event: dict) -> None:
+        if stage == "watermark":
+            calls["watermark"] += 1
+            if calls["watermark"] == 1:
+                raise ThrottlingError("slow down")
+            raise CorruptImageError("cannot decode 'bad.jpg': the JPEG data is truncated")
+
+    config = EngineConfig(detector="rekognition", real_rekognition=False)
+    with LocalEngine(config, fault_hook=flaky_then_corrupt) as engine:
+        result = engine.run(engine.upload("bad.jpg", jpeg_bytes()))
+        direct = engine.history(result.arn)
+        through_client = engine.sfn.get_execution_history(executionArn=result.arn, maxResults=1000)[
+            "events"
+        ]
+
+    assert len(direct) > 10
+    assert direct == through_client
+
+
 @pytest.mark.parametrize(
     ("key", "body", "reason"),
     [

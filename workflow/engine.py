@@ -350,15 +350,17 @@ class LocalEngine:
         prune_finished_threads()
 
     def history(self, execution_arn: str) -> list[dict[str, Any]]:
-        """Return the execution's history events, oldest first."""
-        events: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {"executionArn": execution_arn, "maxResults": 1000}
-        while True:
-            page = self.sfn.get_execution_history(**kwargs)
-            events.extend(page["events"])
-            if not page.get("nextToken"):
-                return events
-            kwargs["nextToken"] = page["nextToken"]
+        """Return the execution's history events, oldest first, as GetExecutionHistory does.
+
+        The events are read from moto's backend: through the Step Functions client, the
+        serialisation there and back cost about 15 ms per run of a 12 MP photo, more than the
+        rest of the orchestration. Timestamps become datetimes, as the client returns them.
+        """
+        events = self._sfn_backend().get_execution_history(execution_arn)["events"]
+        plain: list[dict[str, Any]] = json.loads(json.dumps(events))
+        for event in plain:
+            event["timestamp"] = dt.datetime.fromisoformat(event["timestamp"])
+        return plain
 
     def get_bytes(self, bucket: str, key: str) -> bytes:
         """Return the content of s3://BUCKET/KEY."""

@@ -757,8 +757,7 @@ class Recorder:
 
     def _sync(self, name: str, arn: str) -> None:
         assert self._engine is not None
-        sfn = self._engine.sfn
-        description = sfn.describe_execution(executionArn=arn)
+        description = self._engine.describe(arn)
         # The description is read first: when it shows an end, the history read after it is complete.
         self.store.append_events(name, self._engine.history(arn))
         status = description["status"]
