@@ -338,3 +338,35 @@ def test_model_threads_share_the_cores(
     monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
 
     assert workers.model_threads_per_process(processes) == threads
+
+
+@pytest.mark.parametrize(
+    ("cores", "processes", "groups"),
+    [
+        (2, 2, [{0}, {1}]),
+        (4, 2, [{0, 1}, {2, 3}]),
+        (5, 2, [{0, 1}, {2, 3}]),
+        (2, 3, []),
+    ],
+)
+def test_core_groups_split_cores_evenly(
+    monkeypatch: pytest.MonkeyPatch, cores: int, processes: int, groups: list[set[int]]
+) -> None:
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
+
+    assert [set(group) for group in workers.core_groups(processes)] == groups
+
+
+def test_pool_restores_calling_process_cores(tmp_path: Path) -> None:
+    # GIVEN a batch run by this process and a worker process WHEN it ends THEN this process may
+    # again run on every core it could use before
+    import os
+
+    inputs = _write_uploads(tmp_path / "uploads")[:3]
+    before = os.sched_getaffinity(0)
+
+    with LocalEngine(CONFIG) as engine:
+        outcomes = run_with_processes(engine, inputs, tmp_path / "out", workers=2)
+
+    assert len(outcomes) == 3
+    assert os.sched_getaffinity(0) == before
