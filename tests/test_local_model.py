@@ -17,6 +17,7 @@ from PIL import Image
 
 skimage_data = pytest.importorskip("skimage.data")
 
+from functions.common.errors import ConfigurationError  # noqa: E402
 from functions.detect import local_model, person  # noqa: E402
 from functions.detect.build_model import MODEL_FILENAME  # noqa: E402
 
@@ -394,7 +395,7 @@ def test_model_threads_from_environment(monkeypatch):
     monkeypatch.setenv(local_model.THREADS_ENV, "3")
     assert local_model.model_threads() == 3
     monkeypatch.setenv(local_model.THREADS_ENV, "zero")
-    with pytest.raises(ValueError, match="LABELMARK_MODEL_THREADS"):
+    with pytest.raises(ConfigurationError, match="LABELMARK_MODEL_THREADS"):
         local_model.model_threads()
     with pytest.raises(ValueError, match="at least 1"):
         local_model.set_model_threads(0)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, JpegImagePlugin
 
+from functions.common.errors import ConfigurationError
 from functions.detect import objects, person
 from functions.detect.build_model import INPUT_SIZE, MODEL_FILENAME
 
@@ -74,7 +75,9 @@ def model_threads() -> int:
     if not value:
         return DEFAULT_THREADS
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"invalid {THREADS_ENV} {value!r}: expected a whole number of at least 1")
+        raise ConfigurationError(
+            f"invalid {THREADS_ENV} {value!r}: expected a whole number of at least 1"
+        )
     return int(value)
 
 
