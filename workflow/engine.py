@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import threading
 import time
@@ -21,6 +22,8 @@ from workflow.dispatch import FaultHook, LambdaDispatcher, function_arn, install
 if TYPE_CHECKING:
     from workflow.records import Recorder
 from workflow.fastparse import install_parse_cache, wait_for_termination
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "EngineConfig",
@@ -154,6 +157,10 @@ class LocalEngine:
 
     def start(self) -> None:
         """Start moto's mocks and create the buckets and the state machine."""
+        if self.config.detector == "local":
+            # Loading the label model takes about 0.25 s, mostly outside the GIL, so it overlaps
+            # moto's import below instead of delaying the first image.
+            threading.Thread(target=_load_label_model, name="labelmark-model", daemon=True).start()
         from moto import mock_aws
 
         self._set_env(self._environment())
@@ -438,6 +445,15 @@ class LocalEngine:
             roleArn="arn:aws:iam::123456789012:role/labelmark-local",
         )
         return str(response["stateMachineArn"])
+
+
+def _load_label_model() -> None:
+    from functions.detect import local_model
+
+    try:
+        local_model.get_detector()
+    except Exception:  # the first detect call raises it again, with the image it was for
+        logger.debug("loading the label model ahead of the first image failed", exc_info=True)
 
 
 def _require_credentials() -> None:

@@ -145,6 +145,12 @@ class WorkerPool:
         }
         self._used = False
         self._closed = False
+        # This process runs images too (unless `run` is told otherwise), so its label model takes
+        # its share of the cores from now on: the model then loads once, with that thread count,
+        # while the calling engine starts.
+        self._restore_threads = (
+            _share_cores(self.settings.model_threads) if config.detector == "local" else None
+        )
         try:
             for process in self.processes.values():
                 process.start()
@@ -187,12 +193,9 @@ class WorkerPool:
                 "with the engine's EngineConfig, so that workers produce the same results"
             )
         self._used = True
-        restore_threads = None
         restore_affinity = None
         if use_calling_process:
             restore_affinity = _keep_to_cores(self.settings.core_groups)
-            if engine.config.detector == "local":
-                restore_threads = _share_cores(self.settings.model_threads)
         for index, item in enumerate(inputs):
             self._tasks.put((index, item, str(out_dir)))
         # One end marker per process, and one for this process's thread.
@@ -220,8 +223,6 @@ class WorkerPool:
             self._stop(collector.ready if finished else set())
             collector.drain(self._results)
             _merge_invocations(engine, collector.invocations)
-            if restore_threads is not None:
-                restore_threads()
             if restore_affinity is not None:
                 restore_affinity()
         return collector.outcomes
@@ -234,6 +235,9 @@ class WorkerPool:
 
     def _stop(self, ready: set[int]) -> None:
         self._closed = True
+        if self._restore_threads is not None:
+            self._restore_threads()
+            self._restore_threads = None
         _close_workers(self.processes, ready)
         # Tasks left on the queue after an error have no reader any more. Without this, the
         # queue's feeder thread would wait at exit to write them into a full pipe.
