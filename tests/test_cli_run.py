@@ -165,3 +165,23 @@ def test_run_line_escapes_control_characters(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "\x1b" not in result.output
     assert "photos/\\x1b[2Jfake.jpg" in result.output
+
+
+def test_run_leaves_out_its_output_folder(tmp_path: Path) -> None:
+    # GIVEN a photo folder that holds the output folder of an earlier run WHEN it is run again
+    # THEN the earlier results are not taken for new photos and watermarked a second time
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (320, 240), (200, 40, 40)).save(photos / "red.jpg")
+    out = photos / "processed"
+
+    first = CliRunner().invoke(main, ["run", str(photos), "--out", str(out), "--detector", "local"])
+    second = CliRunner().invoke(
+        main, ["run", str(photos), "--out", str(out), "--detector", "local"]
+    )
+
+    assert first.exit_code == 0, first.output
+    assert second.exit_code == 0, second.output
+    assert "1 image " in second.output
+    published = sorted(path.relative_to(out).as_posix() for path in out.rglob("*.jpg"))
+    assert published == ["watermarked-photos/red.jpg"]

@@ -34,12 +34,23 @@ __all__ = [
 RESULTS_PREFIX = "labelmark-backfill/"
 
 
-def upload_folder(engine: LocalEngine, folder: Path, prefix: str) -> list[str]:
-    """Put every file under FOLDER into the local source bucket as PREFIX + its relative path."""
+def upload_folder(
+    engine: LocalEngine, folder: Path, prefix: str, *, skip: Path | None = None
+) -> list[str]:
+    """Put every file under FOLDER into the local source bucket as PREFIX + its relative path.
+
+    Files under SKIP (the output folder, when it lies inside FOLDER) are left out, so that earlier
+    results are not processed again as new photos.
+    """
     if not folder.is_dir():
         raise FileNotFoundError(f"folder to backfill from not found: {folder}")
+    skipped = skip.resolve() if skip is not None else None
+    if skipped is not None and folder.resolve().is_relative_to(skipped):
+        skipped = None
     keys = []
     for path in sorted(item for item in folder.rglob("*") if item.is_file()):
+        if skipped is not None and path.resolve().is_relative_to(skipped):
+            continue
         key = prefix + path.relative_to(folder).as_posix()
         engine.upload(key, path.read_bytes())
         keys.append(key)

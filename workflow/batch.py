@@ -54,22 +54,30 @@ class ImageOutcome:
     seconds: float = 0.0
 
 
-def collect_inputs(paths: Iterable[Path]) -> list[InputFile]:
+def collect_inputs(paths: Iterable[Path], *, skip: Iterable[Path] = ()) -> list[InputFile]:
     """Return every file under PATHS with its key: a folder's files keep their relative paths.
 
     A folder `photos/` contributes `photos/<relative path>`; a file contributes its name. Hidden
-    files and folders (starting with `.`) are left out. Two inputs that map to one key are an error.
+    files and folders (starting with `.`) are left out, and so are the files under the SKIP
+    folders (the output folder), so that a run never takes its own or an earlier run's results
+    for new photos. Two inputs that map to one key are an error.
     """
+    skipped = [folder.resolve() for folder in skip]
     inputs: list[InputFile] = []
     for path in paths:
         if not path.exists():
             raise InputError(f"input '{path}' does not exist")
         if path.is_dir():
             base = path.resolve().name or "root"
+            # A SKIP folder that contains the folder itself was named on purpose.
+            inside = [folder for folder in skipped if not path.resolve().is_relative_to(folder)]
             for file in sorted(path.rglob("*")):
                 relative = file.relative_to(path)
-                if file.is_file() and not any(part.startswith(".") for part in relative.parts):
-                    inputs.append(InputFile(file, f"{base}/{relative.as_posix()}"))
+                if not file.is_file() or any(part.startswith(".") for part in relative.parts):
+                    continue
+                if any(file.resolve().is_relative_to(folder) for folder in inside):
+                    continue
+                inputs.append(InputFile(file, f"{base}/{relative.as_posix()}"))
         elif path.is_file():
             inputs.append(InputFile(path, path.name))
         else:

@@ -109,7 +109,7 @@ def run(
     console = Console(highlight=False)
     _quiet_libraries(verbose)
     try:
-        inputs = collect_inputs(paths)
+        inputs = collect_inputs(paths, skip=[out_dir])
     except InputError as exc:
         raise click.UsageError(str(exc)) from exc
     if not inputs:

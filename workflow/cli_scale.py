@@ -179,7 +179,7 @@ def _backfill_local(
         # Recorded like `labelmark run`, so `labelmark show` and `replay` find these runs.
         recorder = Recorder(ExecutionStore())
         with LocalEngine(EngineConfig(detector=detector), recorder=recorder) as engine:
-            upload_folder(engine, from_dir, prefix)
+            upload_folder(engine, from_dir, prefix, skip=out)
             document = backfill_local(
                 engine, prefix, max_concurrency=max_concurrency, on_result=report, out_dir=out
             )
