@@ -399,3 +399,35 @@ def test_model_threads_from_environment(monkeypatch):
         local_model.model_threads()
     with pytest.raises(ValueError, match="at least 1"):
         local_model.set_model_threads(0)
+
+
+def _grey_16_bit(name: str) -> Image.Image:
+    """Return a scikit-image photo as a 16-bit greyscale PNG image, as a scanner writes it."""
+    grey = np.asarray(_photo(name).convert("L"), dtype=np.uint16) * 257
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, "PNG")
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+@needs_model
+def test_detect_labels_16_bit_greyscale_photo():
+    # GIVEN the cat photo as a 16-bit greyscale PNG WHEN labelled THEN it reads as the 8-bit copy
+    # does, not as the white picture Pillow's own conversion of 16-bit pixels gives
+    image = _grey_16_bit("chelsea")
+    assert image.mode.startswith("I")
+
+    labels = local_model.detect_labels(image)
+
+    assert "Cat" in _top_names(labels)
+
+
+def test_rekognition_copy_of_16_bit_photo_keeps_its_tones():
+    from functions.detect.rekognition import fitted_jpeg
+
+    image = _grey_16_bit("chelsea")
+
+    fitted = Image.open(io.BytesIO(fitted_jpeg(image)))
+
+    low, high = fitted.convert("L").getextrema()
+    assert low < 60
+    assert high > 180

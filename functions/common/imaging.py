@@ -15,6 +15,7 @@ __all__ = [
     "load_pixels",
     "open_image",
     "register_heif",
+    "to_8_bit",
 ]
 
 # Pillow format names accepted as input, with the common name of each format.
@@ -32,6 +33,9 @@ SUPPORTED_FORMATS = {
 _SUPPORTED_LIST = "JPEG, PNG, WebP, TIFF, GIF, BMP, HEIC"
 
 _heif_registered = False
+
+# Greyscale modes with 16 or 32 bits per pixel, from 16-bit PNGs and TIFFs.
+_WIDE_GREY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 # Pillow's own decompression-bomb check uses one process-wide limit; open_image applies the
 # configured limit from the header instead, before any pixel is decoded.
@@ -143,3 +147,14 @@ def _webp_is_lossless(data: bytes) -> bool:
         size = int.from_bytes(data[offset + 4 : offset + 8], "little")
         offset += 8 + size + (size & 1)
     return False
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """Return IMAGE as 8-bit greyscale ("L") when its pixels have 16 or 32 bits, else IMAGE itself.
+
+    Values are divided by 256. Pillow's own conversion of these modes to "L" or "RGB" clips every
+    value above 255 instead, which turns a 16-bit photo almost entirely white.
+    """
+    if image.mode not in _WIDE_GREY_MODES:
+        return image
+    return image.convert("I").point(lambda value: value * (1 / 256)).convert("L")

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, JpegImagePlugin
 
 from functions.common.errors import ConfigurationError
+from functions.common.imaging import to_8_bit
 from functions.detect import objects, person
 from functions.detect.build_model import INPUT_SIZE, MODEL_FILENAME
 
@@ -195,6 +196,7 @@ def draft_for_model(image: Image.Image) -> None:
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
+    image = to_8_bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite on white so transparent areas do not turn black, as they do in viewers.
         rgba = image.convert("RGBA")

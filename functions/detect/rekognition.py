@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from functions.common.aws import client, translate_aws_error
 from functions.common.events import SourceObject
-from functions.common.imaging import load_pixels
+from functions.common.imaging import load_pixels, to_8_bit
 
 __all__ = ["detect_labels", "fits_rekognition", "fitted_jpeg"]
 
@@ -36,7 +36,7 @@ def fits_rekognition(image: Image.Image, size_bytes: int) -> bool:
 
 def fitted_jpeg(image: Image.Image) -> bytes:
     """Return an upright JPEG copy of IMAGE with each side within Rekognition's limits."""
-    copy = ImageOps.exif_transpose(image.copy()) or image
+    copy = to_8_bit(ImageOps.exif_transpose(image.copy()) or image)
     if copy.mode not in {"RGB", "L"}:
         copy = (
             copy.convert("RGBA").convert("RGB")

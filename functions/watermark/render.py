@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont, ImageOps, ImageSequence
 
 from functions.common.errors import CorruptImageError, ImageTooLargeError
+from functions.common.imaging import to_8_bit
 
 __all__ = [
     "BandLayout",
@@ -271,9 +272,10 @@ def _drawable(frame: Image.Image) -> Image.Image:
     if mode in {"P", "PA"}:
         has_alpha = mode == "PA" or "transparency" in frame.info
         return frame.convert("RGBA" if has_alpha else "RGB")
-    if mode in {"I;16", "I;16B", "I;16L", "I;16N", "I"}:
-        # 16-bit greyscale: scale to 8 bits, since the output encoders and drawing work in 8 bits.
-        return frame.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+    scaled = to_8_bit(frame)
+    if scaled is not frame:
+        # 16-bit greyscale: scaled to 8 bits, since the output encoders and drawing work in 8 bits.
+        return scaled
     if mode == "1":
         return frame.convert("L")
     if mode == "F":
