@@ -372,3 +372,45 @@ def test_pool_restores_calling_process_cores(tmp_path: Path) -> None:
 
     assert len(outcomes) == 3
     assert os.sched_getaffinity(0) == before
+
+
+def _interrupt_after(count: int) -> Any:
+    """Return an ON_DONE callback that raises KeyboardInterrupt, as Ctrl-C does, once COUNT images are done."""
+    done: list[ImageOutcome] = []
+
+    def on_done(outcome: ImageOutcome) -> None:
+        done.append(outcome)
+        if len(done) == count:
+            raise KeyboardInterrupt
+
+    return on_done
+
+
+def _assert_nothing_half_written(outcomes: list[ImageOutcome], out_dir: Path) -> None:
+    for outcome in outcomes:
+        if outcome.status == "SUCCEEDED":
+            assert outcome.output_file is not None
+            assert outcome.output_file.is_file()
+            assert Path(f"{outcome.output_file}.labels.json").is_file()
+    written = [path for path in out_dir.rglob("*") if path.is_file()]
+    assert not [path for path in written if path.name.startswith(".partial")]
+    published = [path for path in written if path.suffix in {".jpg", ".png"}]
+    assert len(published) == sum(1 for outcome in outcomes if outcome.status == "SUCCEEDED")
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_interrupt_finishes_running_images(tmp_path: Path, processes: bool) -> None:
+    # GIVEN a batch WHEN Ctrl-C arrives after two images THEN the images already running finish
+    # and are reported, the others never start, and no output is left half written
+    inputs = _write_uploads(tmp_path / "uploads")
+    out_dir = tmp_path / "out"
+
+    with LocalEngine(CONFIG) as engine, pytest.raises(batch.BatchInterrupted) as interrupted:
+        if processes:
+            run_with_processes(engine, inputs, out_dir, workers=2, on_done=_interrupt_after(2))
+        else:
+            run_batch(engine, inputs, out_dir, workers=2, on_done=_interrupt_after(2))
+
+    outcomes = interrupted.value.outcomes
+    assert 2 <= len(outcomes) <= len(inputs)
+    _assert_nothing_half_written(outcomes, out_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from workflow.workers import WorkerPool
 
 __all__ = [
+    "BatchInterrupted",
     "ImageOutcome",
     "InputError",
     "InputFile",
@@ -26,6 +27,17 @@ __all__ = [
     "run_one",
     "write_outcome",
 ]
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a batch after the images already running had finished.
+
+    OUTCOMES holds the images that finished, in the order they finished; the rest never started.
+    """
+
+    def __init__(self, outcomes: list[ImageOutcome]) -> None:
+        super().__init__(f"interrupted after {len(outcomes)} images")
+        self.outcomes = outcomes
 
 
 class InputError(ValueError):
@@ -145,15 +157,31 @@ def _run_in_process(
     threads: int,
 ) -> list[ImageOutcome]:
     outcomes: list[ImageOutcome] = []
+    reported: set[Future[ImageOutcome]] = set()
+
+    def report(future: Future[ImageOutcome]) -> None:
+        reported.add(future)
+        outcome = future.result()
+        outcomes.append(outcome)
+        if on_done is not None:
+            on_done(outcome)
+
     with ThreadPoolExecutor(
         max_workers=max(1, threads), thread_name_prefix="labelmark-run"
     ) as pool:
         futures = [pool.submit(run_one, engine, item, out_dir) for item in inputs]
-        for future in as_completed(futures):
-            outcome = future.result()
-            outcomes.append(outcome)
-            if on_done is not None:
-                on_done(outcome)
+        try:
+            for future in as_completed(futures):
+                report(future)
+        except KeyboardInterrupt:
+            # Images not started yet are dropped; those running finish, so that none is left
+            # half written, and are reported.
+            for future in futures:
+                future.cancel()
+            for future in futures:
+                if not future.cancelled() and future not in reported:
+                    report(future)
+            raise BatchInterrupted(outcomes) from None
     return outcomes
 
 

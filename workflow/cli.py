@@ -15,7 +15,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from workflow import batch
-from workflow.batch import ImageOutcome, InputError, collect_inputs, run_batch
+from workflow.batch import (
+    BatchInterrupted,
+    ImageOutcome,
+    InputError,
+    collect_inputs,
+    run_batch,
+)
 from workflow.cli_options import detector_option, out_dir_option
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine
@@ -25,6 +31,8 @@ from workflow.workers import WorkerPool
 __all__ = ["main"]
 
 _STATUS_STYLE = {"SUCCEEDED": "green", "SKIPPED": "yellow", "FAILED": "red"}
+# The shell's exit status for a command stopped by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -128,18 +136,36 @@ def run(
     started = time.perf_counter()
     # Recorded in the state folder (LABELMARK_STATE_DIR, default .labelmark) for 'labelmark replay'.
     recorder = Recorder(ExecutionStore(state_dir))
-    with _worker_pool(config, recorder, workers, len(inputs)) as pool:
+    try:
+        pool_context = _worker_pool(config, recorder, workers, len(inputs))
+        engine = LocalEngine(config, recorder=recorder)
+    except KeyboardInterrupt:
+        console.print("interrupted before any image started")
+        sys.exit(EXIT_INTERRUPTED)
+    with pool_context as pool:
         try:
-            engine = LocalEngine(config, recorder=recorder)
             engine.start()
         except RuntimeError as exc:
             raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            engine.stop()
+            console.print("interrupted before any image started")
+            sys.exit(EXIT_INTERRUPTED)
+        interrupted = False
         try:
             outcomes = _run_with_progress(console, engine, inputs, out_dir, workers, pool)
+        except BatchInterrupted as exc:
+            outcomes, interrupted = exc.outcomes, True
         finally:
             engine.stop()
 
     _print_summary(console, outcomes, time.perf_counter() - started, out_dir)
+    if interrupted:
+        console.print(
+            f"interrupted: {len(inputs) - len(outcomes)} of {len(inputs)} images were not "
+            "started; run the same command again to process them"
+        )
+        sys.exit(EXIT_INTERRUPTED)
     if any(outcome.status == "FAILED" for outcome in outcomes):
         sys.exit(1)
 

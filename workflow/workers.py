@@ -33,6 +33,7 @@ import os
 import queue
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from workflow.batch import ImageOutcome, InputFile, run_one
+from workflow.batch import BatchInterrupted, ImageOutcome, InputFile, run_one
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.records import ExecutionStore, Recorder
 
@@ -56,8 +57,11 @@ logger = logging.getLogger(__name__)
 
 # Seconds between checks that the worker processes are still alive while no result arrives.
 _LIVENESS_INTERVAL = 0.5
-# Seconds a worker that has started its engine gets to stop it and exit once the queue is empty.
+# Seconds a worker that has started its engine gets to stop it and exit once the queue is empty,
+# and that running images get to finish after Ctrl-C.
 _EXIT_GRACE = 30.0
+# Seconds to wait after Ctrl-C for the messages of images that were just taken.
+_SETTLE = 0.5
 _PARENT = 0
 
 
@@ -214,7 +218,16 @@ class WorkerPool:
         collector = _Collector(inputs, self.processes, on_done)
         finished = False
         try:
-            collector.collect(self._results)
+            try:
+                collector.collect(self._results)
+            except KeyboardInterrupt:
+                # Ctrl-C: images not started yet are dropped, and each process finishes the one
+                # it is running, so that no output is left half written.
+                stop.set()
+                self._drop_queued()
+                collector.finish_running(self._results, local)
+                finished = True
+                raise BatchInterrupted(list(collector.outcomes)) from None
             finished = True
         finally:
             stop.set()
@@ -226,6 +239,16 @@ class WorkerPool:
             if restore_affinity is not None:
                 restore_affinity()
         return collector.outcomes
+
+    def _drop_queued(self) -> None:
+        """Take the images no process has started off the queue, and end every process's loop."""
+        while True:
+            try:
+                self._tasks.get(timeout=0.05)
+            except queue.Empty:
+                break
+        for _ in range(len(self.processes) + 1):
+            self._tasks.put(None)
 
     def close(self) -> None:
         """Stop every process that is still running. After `run`, none is."""
@@ -270,6 +293,28 @@ class _Collector:
                 self._check_workers()
                 continue
             self._handle(message)
+
+    def finish_running(self, results: Any, local: threading.Thread) -> None:
+        """Collect the outcomes of the images still running, once no new image can start.
+
+        Waits until neither this process's thread (LOCAL) nor any worker process is running an
+        image, for at least _SETTLE seconds so that messages already sent arrive, and for at most
+        _EXIT_GRACE seconds.
+        """
+        started = time.monotonic()
+        while time.monotonic() - started < _EXIT_GRACE:
+            settled = time.monotonic() - started >= _SETTLE
+            if settled and not local.is_alive() and not self._running_in_workers():
+                return
+            try:
+                message = results.get(timeout=0.05)
+            except queue.Empty:
+                self._check_workers()
+                continue
+            self._handle(message)
+
+    def _running_in_workers(self) -> bool:
+        return any(worker != _PARENT for worker in self.running)
 
     def drain(self, results: Any) -> None:
         """Handle the messages already queued, such as the end counts of workers that exited."""
