@@ -185,3 +185,26 @@ def test_run_leaves_out_its_output_folder(tmp_path: Path) -> None:
     assert "1 image " in second.output
     published = sorted(path.relative_to(out).as_posix() for path in out.rglob("*.jpg"))
     assert published == ["watermarked-photos/red.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LABELMARK_MODEL_THREADS": "abc"}, "invalid LABELMARK_MODEL_THREADS 'abc'"),
+        ({"MIN_CONFIDENCE": "nan"}, "nan is not a number from 0 to 100"),
+    ],
+)
+def test_run_rejects_invalid_setting_before_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    photo = tmp_path / "red.jpg"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(photo)
+    out = tmp_path / "out"
+
+    result = CliRunner().invoke(main, ["run", str(photo), "--out", str(out), "--detector", "local"])
+
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not out.exists()

@@ -274,3 +274,22 @@ def test_store_succeeds_when_staging_delete_is_denied(buckets: Any) -> None:
     assert result["output"]["key"] == "watermarked-kept.jpg"
     assert "watermarked-kept.jpg" in keys
     assert "watermarked-kept.jpg.labels.json" in keys
+
+
+@pytest.mark.parametrize(
+    ("value", "rule"),
+    [
+        ("500", "above the maximum of 100"),
+        ("0", "below the minimum of 1"),
+        ("high", "not an integer"),
+    ],
+)
+def test_watermark_rejects_invalid_jpeg_quality(
+    monkeypatch: pytest.MonkeyPatch, value: str, rule: str
+) -> None:
+    from functions.watermark.settings import load_settings
+
+    monkeypatch.setenv("JPEG_QUALITY", value)
+
+    with pytest.raises(ConfigurationError, match=f"JPEG_QUALITY.*{rule}"):
+        load_settings()

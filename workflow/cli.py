@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -125,7 +126,13 @@ def run(
 
     function_env = {"MAX_LABELS": str(max_labels)}
     if min_confidence is not None:
+        if math.isnan(min_confidence):
+            raise click.BadParameter(
+                "nan is not a number from 0 to 100",
+                param_hint="'--min-confidence' / MIN_CONFIDENCE",
+            )
         function_env["MIN_CONFIDENCE"] = str(min_confidence)
+    _check_model_threads(detector)
     try:
         config = EngineConfig(
             detector=detector, output_prefix=output_prefix, function_env=function_env
@@ -168,6 +175,19 @@ def run(
         sys.exit(EXIT_INTERRUPTED)
     if any(outcome.status == "FAILED" for outcome in outcomes):
         sys.exit(1)
+
+
+def _check_model_threads(detector: str) -> None:
+    """Reject an invalid LABELMARK_MODEL_THREADS before any image starts, as a usage error."""
+    if detector != "local":
+        return
+    from functions.common.errors import ConfigurationError
+    from functions.detect.local_model import model_threads
+
+    try:
+        model_threads()
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from exc
 
 
 def _worker_pool(

@@ -14,8 +14,8 @@ def env_str(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
-def env_int(name: str, default: int, *, minimum: int = 0) -> int:
-    """Return the variable NAME as an integer of at least MINIMUM."""
+def env_int(name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    """Return the variable NAME as an integer of at least MINIMUM and at most MAXIMUM."""
     raw = os.environ.get(name)
     if not raw:
         return default
@@ -25,6 +25,8 @@ def env_int(name: str, default: int, *, minimum: int = 0) -> int:
         raise ConfigurationError(f"{name}={raw!r} is not an integer") from exc
     if value < minimum:
         raise ConfigurationError(f"{name}={value} is below the minimum of {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigurationError(f"{name}={value} is above the maximum of {maximum}")
     return value
 
 

@@ -15,7 +15,8 @@ class WatermarkSettings:
 
     processed_bucket: PROCESSED_BUCKET, where the staged image is written (required).
     label_count: WATERMARK_LABELS, how many label names the band shows (default 3).
-    jpeg_quality: JPEG_QUALITY, quality of re-encoded JPEG, WebP and HEIC output (default 90).
+    jpeg_quality: JPEG_QUALITY, quality of re-encoded JPEG, WebP and HEIC output, 1 to 100
+        (default 90).
     keep_private_metadata: KEEP_PRIVATE_METADATA, keep GPS position and camera identity in the
         published EXIF (default false).
     max_pixels: MAX_PIXELS, largest image accepted, in pixels over all frames (default 100 million).
@@ -37,7 +38,8 @@ def load_settings() -> WatermarkSettings:
     return WatermarkSettings(
         processed_bucket=env_str("PROCESSED_BUCKET", ""),
         label_count=env_int("WATERMARK_LABELS", 3, minimum=1),
-        jpeg_quality=env_int("JPEG_QUALITY", 90, minimum=1),
+        # Pillow's JPEG and WebP encoders take 0 to 100; 0 would be useless for a photo.
+        jpeg_quality=env_int("JPEG_QUALITY", 90, minimum=1, maximum=100),
         keep_private_metadata=env_bool("KEEP_PRIVATE_METADATA", False),
         max_pixels=env_int("MAX_PIXELS", 100_000_000, minimum=1),
         max_bytes=env_int("MAX_OBJECT_BYTES", 200 * 1024 * 1024, minimum=1),
