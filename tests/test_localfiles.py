@@ -60,3 +60,17 @@ def test_name_at_file_system_limit_is_written(tmp_path: Path) -> None:
 
     assert path.read_bytes() == b"x"
     assert len(path.name.encode("utf-8")) <= 255
+
+
+def test_written_file_gets_new_file_mode(tmp_path: Path) -> None:
+    # GIVEN the process's umask WHEN a result is written THEN its mode is that of a new file,
+    # not the owner-only mode of the temporary file it was written through
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+
+    path = write_object(tmp_path, "photos/red.jpg", b"data")
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

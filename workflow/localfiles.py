@@ -18,6 +18,17 @@ _UNSAFE = set('\\:*?"<>|%') | {chr(code) for code in range(32)} | {"\x7f"}
 _MAX_COMPONENT_BYTES = 255
 
 
+def _process_umask() -> int:
+    # os.umask can only be read by setting it, so it is read once, while this module is imported.
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+# mkstemp creates files readable by their owner only; results get the mode a new file gets.
+_FILE_MODE = 0o666 & ~_process_umask()
+
+
 def key_to_path(root: Path, key: str) -> Path:
     """Return the file under ROOT that stores KEY; the result is always inside ROOT."""
     parts = [_component(part) for part in key.split("/")]
@@ -53,6 +64,7 @@ def _write_file(path: Path, data: bytes) -> Path:
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
+        os.chmod(temporary, _FILE_MODE)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
