@@ -58,8 +58,9 @@ def main() -> None:
     show_default="number of cores, at most 4",
     envvar="LABELMARK_WORKERS",
     show_envvar=True,
-    help="Executions running at the same time. With 2 or more, all but one run in worker "
-    "processes, which take 1 to 2 s each to start.",
+    help="Executions running at the same time. With 2 or more and a batch of at least 24 "
+    "images, all but one run in worker processes, which take about 2 s each to start; smaller "
+    "batches run on threads in this process.",
 )
 @click.option(
     "--prefix",

@@ -124,7 +124,7 @@ def backfill(
     not use the Distributed Map definition, which moto cannot run. Exits with status 1 when an
     object failed.
 
-    Example: labelmark backfill photos/2024/ --from ./old-photos --out backfill.json
+    Example: labelmark backfill photos/2024/ --from ./old-photos --out backfilled
     """
     console = Console(highlight=False, soft_wrap=True)
     if cloud:
