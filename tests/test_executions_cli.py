@@ -438,3 +438,27 @@ def test_executions_shows_skipped_reason(tmp_path: Path) -> None:
         record = store.get("empty.jpg-0123456789abcdef")
     assert record is not None
     assert record.status == "SUCCEEDED"
+
+
+def test_executions_shows_run_of_ended_process_as_aborted(tmp_path: Path) -> None:
+    # GIVEN a RUNNING record whose process was killed WHEN runs are listed THEN it is ABORTED,
+    # and replay --failed offers it
+    import os
+
+    with ExecutionStore(tmp_path) as store:
+        store.add_execution(ExecutionRecord("killed.jpg-1", "arn:k", "arn:sm", "RUNNING", {}, T0))
+        with store._transaction() as connection:
+            connection.execute(
+                "UPDATE executions SET owner_pid = ? WHERE name = 'killed.jpg-1'",
+                (2**22 + os.getpid(),),
+            )
+
+    listed = CliRunner().invoke(main, ["executions", "--state-dir", str(tmp_path)])
+    replayable = CliRunner().invoke(
+        main, ["replay", "--failed", "--dry-run", "--state-dir", str(tmp_path)]
+    )
+
+    assert listed.exit_code == 0
+    assert "ABORTED" in listed.output
+    assert "RUNNING" not in listed.output
+    assert "killed.jpg-1" in replayable.output

@@ -85,7 +85,14 @@ def _console() -> Console:
 
 
 def _open_store(state_dir: Path | None) -> ExecutionStore:
-    return ExecutionStore(state_dir or default_state_dir())
+    """Open the state folder, marking the runs of processes that have ended as ABORTED.
+
+    A run interrupted with its process (kill, a crash) would otherwise show as RUNNING, and stay
+    out of `replay --failed`, until the next command that starts an engine.
+    """
+    store = ExecutionStore(state_dir or default_state_dir())
+    store.mark_abandoned()
+    return store
 
 
 def _require_arn(arn: str | None) -> str:
