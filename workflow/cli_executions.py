@@ -114,7 +114,9 @@ def _time(value: dt.datetime | None) -> str:
 
 
 def _seconds(value: float | None) -> str:
-    return f"{value:.2f} s" if value is not None else "-"
+    # The record's start time is this machine's clock and the events carry the interpreter's
+    # millisecond timestamps, so a short span can come out a few milliseconds below zero.
+    return f"{max(0.0, value):.2f} s" if value is not None else "-"
 
 
 def _status(status: str) -> str:
@@ -246,7 +248,7 @@ def _print_states(console: Console, runs: list[StateRun], started: dt.datetime) 
             _console_text(run.name),
             _console_text(run.state_type),
             f"[{style}]{run.status}[/{style}]",
-            f"+{offset:.3f} s",
+            f"+{max(0.0, offset):.3f} s",
             _seconds(run.seconds),
             str(run.retries),
             _console_text(error),
