@@ -208,3 +208,23 @@ def test_run_rejects_invalid_setting_before_work(
     assert result.exit_code == 2
     assert message in result.output
     assert not out.exists()
+
+
+def test_run_leaves_out_companion_files_by_suffix(tmp_path: Path) -> None:
+    # GIVEN a phone folder with a photo, its editing sidecar and a video WHEN the folder is run
+    # THEN only the photo runs and the others are named as left out; a file named alone still runs
+    photos = tmp_path / "phone"
+    photos.mkdir()
+    Image.new("RGB", (320, 240), (40, 40, 200)).save(photos / "IMG_0001.JPG")
+    (photos / "IMG_0001.AAE").write_text("<plist/>", encoding="utf-8")
+    (photos / "IMG_0002.MOV").write_bytes(b"\x00\x00\x00\x18ftypqt  ")
+    out = tmp_path / "out"
+
+    folder_run = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+    named_run = CliRunner().invoke(main, ["run", str(photos / "IMG_0001.AAE"), "--out", str(out)])
+
+    assert folder_run.exit_code == 0, folder_run.output
+    assert "left out 2 files that are not photos by their suffix (.aae, .mov)" in folder_run.output
+    assert "1 image " in folder_run.output
+    assert named_run.exit_code == 1
+    assert "UnsupportedImageError" in named_run.output

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from workflow.workers import WorkerPool
 
 __all__ = [
+    "NOT_PHOTO_SUFFIXES",
     "BatchInterrupted",
     "ImageOutcome",
     "InputError",
@@ -66,13 +67,27 @@ class ImageOutcome:
     seconds: float = 0.0
 
 
-def collect_inputs(paths: Iterable[Path], *, skip: Iterable[Path] = ()) -> list[InputFile]:
+# Suffixes of the files that photo folders hold beside the photos: editing sidecars (XMP, Apple's
+# AAE), videos, camera thumbnails, Windows' thumbnail cache and documents.
+NOT_PHOTO_SUFFIXES = frozenset(
+    {
+        ".xmp", ".aae", ".thm", ".db", ".ini", ".txt", ".md", ".json", ".csv", ".pdf", ".html",
+        ".log", ".mov", ".mp4", ".m4v", ".avi", ".3gp", ".mts", ".mp3", ".wav", ".zip",
+    }
+)  # fmt: skip
+
+
+def collect_inputs(
+    paths: Iterable[Path], *, skip: Iterable[Path] = (), left_out: list[Path] | None = None
+) -> list[InputFile]:
     """Return every file under PATHS with its key: a folder's files keep their relative paths.
 
     A folder `photos/` contributes `photos/<relative path>`; a file contributes its name. Hidden
     files and folders (starting with `.`) are left out, and so are the files under the SKIP
     folders (the output folder), so that a run never takes its own or an earlier run's results
-    for new photos. Two inputs that map to one key are an error.
+    for new photos. A folder's files whose suffix is in NOT_PHOTO_SUFFIXES are left out too and
+    added to LEFT_OUT; a file named in PATHS always runs. Two inputs that map to one key are an
+    error.
     """
     skipped = [folder.resolve() for folder in skip]
     inputs: list[InputFile] = []
@@ -88,6 +103,10 @@ def collect_inputs(paths: Iterable[Path], *, skip: Iterable[Path] = ()) -> list[
                 if not file.is_file() or any(part.startswith(".") for part in relative.parts):
                     continue
                 if any(file.resolve().is_relative_to(folder) for folder in inside):
+                    continue
+                if file.suffix.lower() in NOT_PHOTO_SUFFIXES:
+                    if left_out is not None:
+                        left_out.append(file)
                     continue
                 inputs.append(InputFile(file, f"{base}/{relative.as_posix()}"))
         elif path.is_file():

@@ -119,9 +119,16 @@ def run(
     console = Console(highlight=False)
     _quiet_libraries(verbose)
     try:
-        inputs = collect_inputs(paths, skip=[out_dir])
+        left_out: list[Path] = []
+        inputs = collect_inputs(paths, skip=[out_dir], left_out=left_out)
     except InputError as exc:
         raise click.UsageError(str(exc)) from exc
+    if left_out:
+        suffixes = ", ".join(sorted({path.suffix.lower() for path in left_out}))
+        console.print(
+            f"left out {len(left_out)} {'file' if len(left_out) == 1 else 'files'} that are not "
+            f"photos by their suffix ({escape(printable(suffixes))}); name a file to run it anyway"
+        )
     if not inputs:
         raise click.UsageError(f"no files found in {', '.join(str(path) for path in paths)}")
 
