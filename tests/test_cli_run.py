@@ -228,3 +228,26 @@ def test_run_leaves_out_companion_files_by_suffix(tmp_path: Path) -> None:
     assert "1 image " in folder_run.output
     assert named_run.exit_code == 1
     assert "UnsupportedImageError" in named_run.output
+
+
+def test_run_success_removes_earlier_failure_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a photo whose run failed on a bad setting WHEN it runs again and succeeds THEN the
+    # earlier failure record no longer sits beside the published image
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (320, 240), (40, 160, 40)).save(photos / "green.jpg")
+    out = tmp_path / "out"
+    monkeypatch.setenv("JPEG_QUALITY", "500")
+    failed = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+    records_after_failure = list((out / "labelmark-failures").glob("*.json"))
+    monkeypatch.delenv("JPEG_QUALITY")
+
+    succeeded = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+
+    assert failed.exit_code == 1
+    assert len(records_after_failure) == 1
+    assert succeeded.exit_code == 0, succeeded.output
+    assert list((out / "labelmark-failures").glob("*.json")) == []
+    assert (out / "watermarked-photos" / "green.jpg").is_file()

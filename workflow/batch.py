@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from functions.common.labels import headline_names
 from workflow.engine import LocalEngine, RunResult
-from workflow.localfiles import write_object
+from workflow.localfiles import key_to_path, write_object
 
 if TYPE_CHECKING:
     from workflow.workers import WorkerPool
@@ -252,6 +252,7 @@ def write_outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Pat
         sidecar = _read(engine, output["bucket"], output["sidecarKey"])
         image_file = write_object(out_dir, output["key"], image)
         write_object(out_dir, output["sidecarKey"], sidecar)
+        _remove_stale_failure_record(result.name, out_dir)
         labels = headline_names(json.loads(sidecar)["labels"], count=3)
         return ImageOutcome(key, "SUCCEEDED", result.name, labels=labels, output_file=image_file)
 
@@ -278,6 +279,17 @@ def _failed_outcome(
         failure_file=failure_file,
         reason=f"{state}: {describe_error(result.error, result.cause)}",
     )
+
+
+def _remove_stale_failure_record(execution: str, out_dir: Path) -> None:
+    """Delete the failure record an earlier, failed run of this execution name left in OUT_DIR.
+
+    The name stands for one upload (its key and ETag), so once a run of it succeeds, the record
+    of its earlier failure describes a result that no longer holds.
+    """
+    from functions.common.keys import failure_key
+
+    key_to_path(out_dir, failure_key(execution)).unlink(missing_ok=True)
 
 
 def _read(engine: LocalEngine, bucket: str, key: str) -> bytes:
