@@ -54,9 +54,15 @@ def parse_since(text: str | None) -> dt.datetime | None:
     match = _SINCE.match(text)
     if match is None:
         raise click.BadParameter(
-            f"{text!r} is not a duration; use a number and s, m, h, d or w, such as 1h or 2d"
+            f"{text!r} is not a duration; use a number and s, m, h, d or w, such as 1h or 2d",
+            param_hint="'--since'",
         )
     return dt.datetime.now(dt.UTC) - dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _reason(error: Exception) -> str:
+    """Return ERROR's message without the 'cannot replay NAME: ' that some messages begin with."""
+    return re.sub(r"^cannot replay '[^']*': ", "", str(error))
 
 
 def _state_dir_option(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -469,7 +475,9 @@ def _replay_local(
                     )
                     continue
                 except ReplayError as exc:
-                    console.print(f"[red]cannot replay[/red] {_console_text(str(exc))}")
+                    console.print(
+                        f"[red]cannot replay {_console_text(name)}:[/red] {_console_text(_reason(exc))}"
+                    )
                     ok = False
                     continue
                 # The local buckets vanish with this command, so the result goes to a folder.
