@@ -431,3 +431,16 @@ def test_rekognition_copy_of_16_bit_photo_keeps_its_tones():
     low, high = fitted.convert("L").getextrema()
     assert low < 60
     assert high > 180
+
+
+def test_set_model_threads_restores_the_environment_setting(monkeypatch):
+    # GIVEN LABELMARK_MODEL_THREADS WHEN a count is set and the previous one restored THEN the
+    # environment variable applies again
+    monkeypatch.setenv(local_model.THREADS_ENV, "3")
+
+    previous = local_model.set_model_threads(1)
+    during = local_model.model_threads()
+    local_model.set_model_threads(previous)
+
+    assert during == 1
+    assert local_model.model_threads() == 3

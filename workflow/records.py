@@ -668,7 +668,9 @@ class Recorder:
         abandoned = self.store.mark_abandoned()
         if abandoned:
             logger.warning(
-                "marked %d execution(s) of ended processes as ABORTED: %s", len(abandoned), abandoned
+                "marked %d execution(s) of ended processes as ABORTED: %s",
+                len(abandoned),
+                abandoned,
             )
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll, name="labelmark-recorder", daemon=True)

@@ -472,11 +472,12 @@ def _share_cores(threads: int) -> Callable[[], None]:
     """Run this process's label model with THREADS threads; return a function that undoes it."""
     from functions.detect import local_model
 
-    previous = local_model.model_threads()
-    if previous == threads:
-        return lambda: None
-    local_model.set_model_threads(threads)
-    return lambda: local_model.set_model_threads(previous)
+    previous = local_model.set_model_threads(threads)
+
+    def restore() -> None:
+        local_model.set_model_threads(previous)
+
+    return restore
 
 
 def _recorder(settings: _WorkerSettings) -> Recorder | None:

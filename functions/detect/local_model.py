@@ -82,8 +82,9 @@ def model_threads() -> int:
     return int(value)
 
 
-def set_model_threads(count: int | None) -> None:
-    """Run the model with COUNT threads from now on (None: back to the default).
+def set_model_threads(count: int | None) -> int | None:
+    """Run the model with COUNT threads from now on (None: back to LABELMARK_MODEL_THREADS or the
+    default), and return the count set before, for restoring it.
 
     A model already loaded with another count is loaded again on its next use.
     """
@@ -91,10 +92,12 @@ def set_model_threads(count: int | None) -> None:
     if count is not None and count < 1:
         raise ValueError(f"invalid model thread count {count}: expected at least 1")
     with _detector_lock:
+        previous = _threads
         before = model_threads()
         _threads = count
         if _detector is not None and model_threads() != before:
             _detector = None
+    return previous
 
 
 def model_dir() -> Path:
