@@ -33,7 +33,8 @@ __all__ = [
 class BatchInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped a batch after the images already running had finished.
 
-    OUTCOMES holds the images that finished, in the order they finished; the rest never started.
+    OUTCOMES contains the images that finished, in the order they finished. The rest never
+    started.
     """
 
     def __init__(self, outcomes: list[ImageOutcome]) -> None:
