@@ -462,3 +462,16 @@ def test_executions_shows_run_of_ended_process_as_aborted(tmp_path: Path) -> Non
     assert "ABORTED" in listed.output
     assert "RUNNING" not in listed.output
     assert "killed.jpg-1" in replayable.output
+
+
+@pytest.mark.parametrize("command", [["executions"], ["show", "any-run"], ["replay", "--failed"]])
+def test_missing_state_folder_is_reported_not_created(tmp_path: Path, command: list[str]) -> None:
+    # GIVEN a mistyped state folder WHEN a command reads runs THEN it says the folder does not
+    # exist instead of creating it and listing nothing
+    missing = tmp_path / "no-such-state"
+
+    result = CliRunner().invoke(main, [*command, "--state-dir", str(missing)])
+
+    assert result.exit_code == 1
+    assert f"state folder {missing} does not exist" in result.output
+    assert not missing.exists()

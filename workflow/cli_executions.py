@@ -96,7 +96,14 @@ def _open_store(state_dir: Path | None) -> ExecutionStore:
     A run interrupted with its process (kill, a crash) would otherwise show as RUNNING, and stay
     out of `replay --failed`, until the next command that starts an engine.
     """
-    store = ExecutionStore(state_dir or default_state_dir())
+    folder = state_dir or default_state_dir()
+    if not folder.is_dir():
+        # Opening the store would create the folder, which would hide a mistyped path.
+        raise click.ClickException(
+            f"no executions recorded: state folder {folder} does not exist. 'labelmark run' "
+            "records runs there; pass --state-dir or set LABELMARK_STATE_DIR for another folder"
+        )
+    store = ExecutionStore(folder)
     store.mark_abandoned()
     return store
 
