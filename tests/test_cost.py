@@ -98,7 +98,10 @@ def test_load_stage_seconds_missing_file_uses_defaults(tmp_path: Path) -> None:
 
     assert seconds["detect_rekognition"] == 0.4
     assert len(notes) == 4
-    assert notes[0] == "detect_local: no measured figure in figures.json, default 60 ms used"
+    assert notes[0] == (
+        "detect with the local model: no measured duration in figures.json, "
+        "an assumed 60 ms is used"
+    )
 
 
 def test_load_stage_seconds_prefers_stages_section(tmp_path: Path) -> None:
@@ -115,7 +118,7 @@ def test_load_stage_seconds_prefers_stages_section(tmp_path: Path) -> None:
 
     assert seconds["detect_local"] == 0.02
     assert seconds["store"] == pytest.approx(0.05)
-    assert [note.split(":")[0] for note in notes] == ["detect_rekognition", "watermark"]
+    assert [note.split(":")[0] for note in notes] == ["detect with Rekognition", "watermark"]
 
 
 def test_cost_cli_prints_table_and_price_note() -> None:
@@ -133,8 +136,8 @@ def test_cost_cli_names_default_durations() -> None:
     result = CliRunner().invoke(main, ["cost", "--images", "10", "--backend", "rekognition"])
 
     assert (
-        "Note: detect_rekognition: no measured figure in figures.json, default 400 ms used"
-        in result.output
+        "Note: detect with Rekognition: no measured duration in figures.json, an assumed 400 ms "
+        "is used" in " ".join(result.output.split())
     )
 
 

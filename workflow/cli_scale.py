@@ -55,9 +55,12 @@ def cost(images: int, backend: str, workflow: str) -> None:
     for line in result.lines:
         table.add_row(
             line.component,
-            f"{line.quantity:,.2f}",
+            f"{line.quantity:,.0f}"
+            if float(line.quantity).is_integer()
+            else f"{line.quantity:,.1f}",
             line.unit,
-            f"{line.unit_price:.10g}",
+            # Fixed-point, so that a price per request reads as 0.0000002, not 2e-07.
+            f"{line.unit_price:.10f}".rstrip("0").rstrip("."),
             f"{line.cost:,.4f}",
         )
     table.add_row("[bold]Total[/bold]", "", "", "", f"[bold]{result.total:,.4f}[/bold]")

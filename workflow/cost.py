@@ -66,6 +66,13 @@ DEFAULT_STAGE_SECONDS: dict[str, float] = {
     "store": 0.050,
 }
 
+_STAGE_NAMES = {
+    "detect_local": "detect with the local model",
+    "detect_rekognition": "detect with Rekognition",
+    "watermark": "watermark",
+    "store": "store",
+}
+
 # S3 requests per image on the success path, read from the handlers. GET tier: detect's GET of
 # the source, watermark's GET of the source, store's HEAD of the staged object. PUT tier:
 # watermark's PUT of the staged image, store's COPY to the published key and PUT of the sidecar.
@@ -154,8 +161,8 @@ def load_stage_seconds(figures_path: Path = FIGURES_PATH) -> tuple[dict[str, flo
         else:
             seconds_by_stage[key] = default
             notes.append(
-                f"{key}: no measured figure in {figures_path.name}, "
-                f"default {default * 1000:.0f} ms used"
+                f"{_STAGE_NAMES[key]}: no measured duration in {figures_path.name}, "
+                f"an assumed {default * 1000:.0f} ms is used"
             )
     return seconds_by_stage, notes
 
@@ -185,7 +192,7 @@ def estimate(
     if definition is None:
         definition = json.loads(DEFINITION_PATH.read_text(encoding="utf-8"))
     transitions = len(success_path(definition))
-    used = (f"detect_{backend}", "watermark", "store")
+    used = {_STAGE_NAMES[key] for key in (f"detect_{backend}", "watermark", "store")}
     notes = [note for note in notes if note.split(":", 1)[0] in used]
     durations = {
         "detect": stage_seconds[f"detect_{backend}"],
