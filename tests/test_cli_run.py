@@ -251,3 +251,24 @@ def test_run_success_removes_earlier_failure_record(
     assert succeeded.exit_code == 0, succeeded.output
     assert list((out / "labelmark-failures").glob("*.json")) == []
     assert (out / "watermarked-photos" / "green.jpg").is_file()
+
+
+def test_run_leaves_out_output_and_state_folders_named_directly(tmp_path: Path) -> None:
+    # GIVEN a shell glob that names the photo, the output folder and the state folder WHEN run
+    # again after a first run THEN only the photo runs: nothing is watermarked twice and no
+    # recorded upload is taken for a photo
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (320, 240), (200, 40, 40)).save(photos / "red.jpg")
+    out, state = photos / "processed", photos / "state"
+    options = ["--out", str(out), "--state-dir", str(state), "--detector", "local"]
+
+    first = CliRunner().invoke(main, ["run", str(photos), *options])
+    globbed = sorted(str(path) for path in photos.iterdir())
+    second = CliRunner().invoke(main, ["run", *globbed, *options])
+
+    assert first.exit_code == 0, first.output
+    assert second.exit_code == 0, second.output
+    assert "1 image " in second.output
+    published = sorted(path.relative_to(out).as_posix() for path in out.rglob("*.jpg"))
+    assert published == ["watermarked-photos/red.jpg", "watermarked-red.jpg"]

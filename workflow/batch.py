@@ -84,26 +84,31 @@ def collect_inputs(
     """Return every file under PATHS with its key: a folder's files keep their relative paths.
 
     A folder `photos/` contributes `photos/<relative path>`; a file contributes its name. Hidden
-    files and folders (starting with `.`) are left out, and so are the files under the SKIP
-    folders (the output folder), so that a run never takes its own or an earlier run's results
-    for new photos. A folder's files whose suffix is in NOT_PHOTO_SUFFIXES are left out too and
-    added to LEFT_OUT; a file named in PATHS always runs. Two inputs that map to one key are an
-    error.
+    files and folders (starting with `.`) are left out, and so is everything in the SKIP folders
+    (the output and state folders), even when named in PATHS, so that a run never takes its own
+    or an earlier run's results for new photos. A folder's files whose suffix is in
+    NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT; a file named in PATHS always runs.
+    Two inputs that map to one key are an error.
     """
     skipped = [folder.resolve() for folder in skip]
+
+    def in_skipped(item: Path) -> bool:
+        resolved = item.resolve()
+        return any(resolved.is_relative_to(folder) for folder in skipped)
+
     inputs: list[InputFile] = []
     for path in paths:
         if not path.exists():
             raise InputError(f"input '{path}' does not exist")
+        if in_skipped(path):
+            continue
         if path.is_dir():
             base = path.resolve().name or "root"
-            # A SKIP folder that contains the folder itself was named on purpose.
-            inside = [folder for folder in skipped if not path.resolve().is_relative_to(folder)]
             for file in sorted(path.rglob("*")):
                 relative = file.relative_to(path)
                 if not file.is_file() or any(part.startswith(".") for part in relative.parts):
                     continue
-                if any(file.resolve().is_relative_to(folder) for folder in inside):
+                if in_skipped(file):
                     continue
                 if file.suffix.lower() in NOT_PHOTO_SUFFIXES:
                     if left_out is not None:

@@ -26,7 +26,7 @@ from workflow.batch import (
 from workflow.cli_options import detector_option, out_dir_option
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine
-from workflow.records import ExecutionStore, Recorder
+from workflow.records import ExecutionStore, Recorder, default_state_dir
 from workflow.workers import WorkerPool
 
 __all__ = ["main"]
@@ -120,7 +120,9 @@ def run(
     _quiet_libraries(verbose)
     try:
         left_out: list[Path] = []
-        inputs = collect_inputs(paths, skip=[out_dir], left_out=left_out)
+        inputs = collect_inputs(
+            paths, skip=[out_dir, state_dir or default_state_dir()], left_out=left_out
+        )
     except InputError as exc:
         raise click.UsageError(str(exc)) from exc
     if left_out:
