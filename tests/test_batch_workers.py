@@ -414,3 +414,42 @@ def test_interrupt_finishes_running_images(tmp_path: Path, processes: bool) -> N
     outcomes = interrupted.value.outcomes
     assert 2 <= len(outcomes) <= len(inputs)
     _assert_nothing_half_written(outcomes, out_dir)
+
+
+def test_sigterm_stops_run_like_ctrl_c(tmp_path: Path) -> None:
+    # GIVEN 'labelmark run' with two workers on 30 photos WHEN SIGTERM reaches the command alone,
+    # as `kill PID` sends it, once the first image is printed THEN the images running finish, every
+    # printed image has its sidecar, no worker process goes on with the queue, and the status is
+    # 128 + SIGTERM
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(30):
+        Image.effect_noise((640, 480), 30 + index).convert("RGB").save(photos / f"p{index:02d}.jpg")
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", "from workflow.cli import main; main()", "run", str(photos)]
+    env = dict(os.environ, LABELMARK_STATE_DIR=str(tmp_path / "state"), COLUMNS="200")
+    process = subprocess.Popen(
+        [*command, "--out", str(out), "--workers", "2", "--detector", "local"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert process.stdout is not None
+    lines = [process.stdout.readline()]
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=120)
+    lines += rest.splitlines()
+
+    printed = [line for line in lines if line.startswith(("SUCCEEDED", "FAILED", "SKIPPED"))]
+    images = sorted(out.rglob("p*.jpg"))
+    assert process.returncode == 128 + signal.SIGTERM
+    assert any(line.startswith("interrupted") for line in lines)
+    assert len(printed) == len(images)
+    assert all(Path(f"{image}.labels.json").is_file() for image in images)
+    assert not list(out.rglob(".partial-*"))

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -17,7 +20,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from workflow import batch
 from workflow.batch import (
-    BatchInterrupted,
     ImageOutcome,
     InputError,
     collect_inputs,
@@ -32,8 +34,6 @@ from workflow.workers import WorkerPool
 __all__ = ["main"]
 
 _STATUS_STYLE = {"SUCCEEDED": "green", "SKIPPED": "yellow", "FAILED": "red"}
-# The shell's exit status for a command stopped by Ctrl-C (128 + SIGINT).
-EXIT_INTERRUPTED = 130
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -153,38 +153,64 @@ def run(
     started = time.perf_counter()
     # Recorded in the state folder (LABELMARK_STATE_DIR, default .labelmark) for 'labelmark replay'.
     recorder = Recorder(ExecutionStore(state_dir))
-    try:
-        pool_context = _worker_pool(config, recorder, workers, len(inputs))
-        engine = LocalEngine(config, recorder=recorder)
-    except KeyboardInterrupt:
-        console.print("interrupted before any image started")
-        sys.exit(EXIT_INTERRUPTED)
-    with pool_context as pool:
+    # Every outcome as it is printed, so that an interrupt at any point knows what finished.
+    outcomes: list[ImageOutcome] = []
+    stop_signal = _StopSignal()
+    with stop_signal:
         try:
-            engine.start()
-        except RuntimeError as exc:
-            raise click.ClickException(str(exc)) from exc
+            with _worker_pool(config, recorder, workers, len(inputs)) as pool:
+                engine = LocalEngine(config, recorder=recorder)
+                try:
+                    engine.start()
+                    _run_with_progress(console, engine, inputs, out_dir, workers, pool, outcomes)
+                except RuntimeError as exc:
+                    raise click.ClickException(str(exc)) from exc
+                finally:
+                    engine.stop()
         except KeyboardInterrupt:
-            engine.stop()
-            console.print("interrupted before any image started")
-            sys.exit(EXIT_INTERRUPTED)
-        interrupted = False
-        try:
-            outcomes = _run_with_progress(console, engine, inputs, out_dir, workers, pool)
-        except BatchInterrupted as exc:
-            outcomes, interrupted = exc.outcomes, True
-        finally:
-            engine.stop()
+            # Ctrl-C or SIGTERM: at start-up, during the batch (the images running finished and
+            # were printed) or while the engine and the worker processes were stopping.
+            stop_signal.received = stop_signal.received or signal.SIGINT
 
     _print_summary(console, outcomes, time.perf_counter() - started, out_dir)
-    if interrupted:
-        console.print(
-            f"interrupted: {len(inputs) - len(outcomes)} of {len(inputs)} images were not "
-            "started; run the same command again to process them"
-        )
-        sys.exit(EXIT_INTERRUPTED)
+    if stop_signal.received:
+        not_started = len(inputs) - len(outcomes)
+        if not_started:
+            console.print(
+                f"interrupted: {not_started} of {len(inputs)} images were not started; run the "
+                "same command again to process them",
+                soft_wrap=True,
+            )
+        else:
+            console.print("interrupted after every image had finished", soft_wrap=True)
+        sys.exit(128 + int(stop_signal.received))
     if any(outcome.status == "FAILED" for outcome in outcomes):
         sys.exit(1)
+
+
+class _StopSignal:
+    """Turns SIGTERM into KeyboardInterrupt while in use, and keeps which signal stopped the run.
+
+    `kill PID`, `timeout` and service managers send SIGTERM to the command alone: without this,
+    the command would end at once and its worker processes would go on with the queue.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        raise KeyboardInterrupt
 
 
 def _check_model_threads(detector: str) -> None:
@@ -219,7 +245,12 @@ def _run_with_progress(
     out_dir: Path,
     workers: int,
     pool: WorkerPool | None,
-) -> list[ImageOutcome]:
+    outcomes: list[ImageOutcome],
+) -> None:
+    """Run INPUTS, printing each outcome and appending it to OUTCOMES as it arrives.
+
+    Raises BatchInterrupted (a KeyboardInterrupt) after Ctrl-C, once the images running finished.
+    """
     progress = Progress(
         TextColumn("[bold]processing"),
         BarColumn(),
@@ -232,10 +263,13 @@ def _run_with_progress(
         task = progress.add_task("images", total=len(inputs))
 
         def report(outcome: ImageOutcome) -> None:
+            outcomes.append(outcome)
             console.print(_outcome_line(outcome), soft_wrap=True)
             progress.advance(task)
 
-        return run_batch(engine, inputs, out_dir, workers=workers, on_done=report, pool=pool)
+        ordered = run_batch(engine, inputs, out_dir, workers=workers, on_done=report, pool=pool)
+        # run_batch returns them in the order of INPUTS.
+        outcomes[:] = ordered
 
 
 def _outcome_line(outcome: ImageOutcome) -> str:

@@ -418,7 +418,7 @@ def _worker_main(worker: int, settings: _WorkerSettings, tasks: Any, results: An
     invocations: dict[str, int] = {}
     try:
         results.put(("ready", worker))
-        while (task := tasks.get()) is not None:
+        while (task := _next_task(tasks)) is not None:
             index, item, out_dir = task
             results.put(("taken", worker, index))
             try:
@@ -478,6 +478,23 @@ def _share_cores(threads: int) -> Callable[[], None]:
         local_model.set_model_threads(previous)
 
     return restore
+
+
+def _next_task(tasks: Any) -> Any:
+    """Return the next task, or None at the end marker or once the calling process has ended.
+
+    A calling process killed without a chance to stop its workers (SIGKILL) leaves its queue
+    behind; the worker then stops instead of publishing the rest of the batch on its own.
+    """
+    parent = multiprocessing.parent_process()
+    while True:
+        if parent is not None and not parent.is_alive():
+            logger.warning("the labelmark process that started this worker ended; stopping")
+            return None
+        try:
+            return tasks.get(timeout=_LIVENESS_INTERVAL)
+        except queue.Empty:
+            continue
 
 
 def _recorder(settings: _WorkerSettings) -> Recorder | None:
