@@ -397,7 +397,11 @@ def test_model_threads_from_environment(monkeypatch):
     monkeypatch.setenv(local_model.THREADS_ENV, "zero")
     with pytest.raises(ConfigurationError, match="LABELMARK_MODEL_THREADS"):
         local_model.model_threads()
-    with pytest.raises(ValueError, match="at least 1"):
+    for value in ("0", "99999", "²", "-1"):
+        monkeypatch.setenv(local_model.THREADS_ENV, value)
+        with pytest.raises(ConfigurationError, match="expected a whole number from 1 to 64"):
+            local_model.model_threads()
+    with pytest.raises(ValueError, match="expected 1 to 64"):
         local_model.set_model_threads(0)
 
 
