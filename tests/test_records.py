@@ -194,3 +194,23 @@ def test_duplicate_start_in_one_process_keeps_first(tmp_path: Path) -> None:
 
     assert record is not None
     assert record.arn == "arn:first"
+
+
+def test_zombie_process_counts_as_ended() -> None:
+    # GIVEN a child process that exited but was not reaped yet (a zombie) WHEN its liveness is
+    # checked THEN it counts as ended, so its runs can be marked ABORTED
+    import subprocess
+    import time
+
+    from workflow.records import _pid_alive
+
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert not _pid_alive(child.pid)
+        assert _pid_alive(os.getpid())
+    finally:
+        child.wait()

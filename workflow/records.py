@@ -221,7 +221,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed process stays a zombie until its parent reaps it, and signal 0 still reaches it.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return True  # no /proc (not Linux): signal 0 is all there is to go on
+    # The state letter follows the command name, which is in brackets and may contain spaces.
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 class ExecutionStore:
