@@ -272,3 +272,24 @@ def test_run_leaves_out_output_and_state_folders_named_directly(tmp_path: Path) 
     assert "1 image " in second.output
     published = sorted(path.relative_to(out).as_posix() for path in out.rglob("*.jpg"))
     assert published == ["watermarked-photos/red.jpg", "watermarked-red.jpg"]
+
+
+def test_replay_success_removes_failure_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a photo whose run failed on a bad setting WHEN the failed run is replayed into the
+    # same folder and succeeds THEN the failure record of the run it repaired is gone
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (320, 240), (40, 40, 160)).save(photos / "blue.jpg")
+    out = tmp_path / "out"
+    monkeypatch.setenv("JPEG_QUALITY", "500")
+    failed = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+    monkeypatch.delenv("JPEG_QUALITY")
+
+    replayed = CliRunner().invoke(main, ["replay", "--failed", "--out", str(out)])
+
+    assert failed.exit_code == 1
+    assert replayed.exit_code == 0, replayed.output
+    assert "SUCCEEDED" in replayed.output
+    assert list((out / "labelmark-failures").glob("*.json")) == []

@@ -24,6 +24,7 @@ __all__ = [
     "InputError",
     "InputFile",
     "collect_inputs",
+    "remove_failure_record",
     "run_batch",
     "run_one",
     "write_outcome",
@@ -258,7 +259,7 @@ def write_outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Pat
         sidecar = _read(engine, output["bucket"], output["sidecarKey"])
         image_file = write_object(out_dir, output["key"], image)
         write_object(out_dir, output["sidecarKey"], sidecar)
-        _remove_stale_failure_record(result.name, out_dir)
+        remove_failure_record(result.name, out_dir)
         labels = headline_names(json.loads(sidecar)["labels"], count=3)
         return ImageOutcome(key, "SUCCEEDED", result.name, labels=labels, output_file=image_file)
 
@@ -287,8 +288,8 @@ def _failed_outcome(
     )
 
 
-def _remove_stale_failure_record(execution: str, out_dir: Path) -> None:
-    """Delete the failure record an earlier, failed run of this execution name left in OUT_DIR.
+def remove_failure_record(execution: str, out_dir: Path) -> None:
+    """Delete the failure record an earlier, failed run of EXECUTION left in OUT_DIR, if any.
 
     The name stands for one upload (its key and ETag), so once a run of it succeeds, the record
     of its earlier failure describes a result that no longer holds.
