@@ -233,16 +233,16 @@ def test_run_leaves_out_companion_files_by_suffix(tmp_path: Path) -> None:
 def test_run_success_removes_earlier_failure_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # GIVEN a photo whose run failed on a bad setting WHEN it runs again and succeeds THEN the
-    # earlier failure record no longer sits beside the published image
+    # GIVEN a photo whose run failed on a pixel limit WHEN it runs again within the default limit
+    # and succeeds THEN the earlier failure record no longer sits beside the published image
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (320, 240), (40, 160, 40)).save(photos / "green.jpg")
     out = tmp_path / "out"
-    monkeypatch.setenv("JPEG_QUALITY", "500")
+    monkeypatch.setenv("MAX_PIXELS", "1000")
     failed = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
     records_after_failure = list((out / "labelmark-failures").glob("*.json"))
-    monkeypatch.delenv("JPEG_QUALITY")
+    monkeypatch.delenv("MAX_PIXELS")
 
     succeeded = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
 
@@ -277,15 +277,16 @@ def test_run_leaves_out_output_and_state_folders_named_directly(tmp_path: Path) 
 def test_replay_success_removes_failure_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # GIVEN a photo whose run failed on a bad setting WHEN the failed run is replayed into the
-    # same folder and succeeds THEN the failure record of the run it repaired is gone
+    # GIVEN a photo whose run failed on a pixel limit WHEN the failed run is replayed into the
+    # same folder within the default limit and succeeds THEN the failure record of the run it
+    # repaired is gone
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (320, 240), (40, 40, 160)).save(photos / "blue.jpg")
     out = tmp_path / "out"
-    monkeypatch.setenv("JPEG_QUALITY", "500")
+    monkeypatch.setenv("MAX_PIXELS", "1000")
     failed = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
-    monkeypatch.delenv("JPEG_QUALITY")
+    monkeypatch.delenv("MAX_PIXELS")
 
     replayed = CliRunner().invoke(main, ["replay", "--failed", "--out", str(out)])
 
@@ -293,3 +294,18 @@ def test_replay_success_removes_failure_record(
     assert replayed.exit_code == 0, replayed.output
     assert "SUCCEEDED" in replayed.output
     assert list((out / "labelmark-failures").glob("*.json")) == []
+
+
+def test_run_rejects_invalid_function_setting_before_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JPEG_QUALITY", "500")
+    photo = tmp_path / "red.jpg"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(photo)
+    out = tmp_path / "out"
+
+    result = CliRunner().invoke(main, ["run", str(photo), "--out", str(out)])
+
+    assert result.exit_code == 2
+    assert "JPEG_QUALITY=500 is above the maximum of 100" in result.output
+    assert not out.exists()

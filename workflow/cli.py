@@ -149,6 +149,7 @@ def run(
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--prefix' / OUTPUT_PREFIX") from exc
+    _check_function_settings(config)
 
     started = time.perf_counter()
     # Recorded in the state folder (LABELMARK_STATE_DIR, default .labelmark) for 'labelmark replay'.
@@ -211,6 +212,16 @@ class _StopSignal:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.received = signum
         raise KeyboardInterrupt
+
+
+def _check_function_settings(config: EngineConfig) -> None:
+    """Reject an invalid function setting (JPEG_QUALITY=500, say) before any image starts."""
+    from functions.common.errors import ConfigurationError
+
+    try:
+        LocalEngine(config).check_function_settings()
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from exc
 
 
 def _check_model_threads(detector: str) -> None:

@@ -192,6 +192,24 @@ class LocalEngine:
         if self.recorder is not None:
             self.recorder.attach(self)
 
+    def check_function_settings(self) -> None:
+        """Load each function's settings as its handler would, so that a bad one fails now.
+
+        Raises ConfigurationError naming the setting and the rule it broke, before any image
+        runs, instead of failing every image of a batch the same way.
+        """
+        from functions.detect.settings import load_settings as detect_settings
+        from functions.store.settings import load_settings as store_settings
+        from functions.watermark.settings import load_settings as watermark_settings
+
+        self._set_env(self._environment())
+        try:
+            detect_settings()
+            watermark_settings()
+            store_settings()
+        finally:
+            self._restore_env()
+
     def stop(self) -> None:
         """Stop the mocks, restore the environment and drop every object and execution."""
         if self.recorder is not None and self._mock is not None:
