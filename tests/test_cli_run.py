@@ -224,7 +224,7 @@ def test_run_leaves_out_companion_files_by_suffix(tmp_path: Path) -> None:
     named_run = CliRunner().invoke(main, ["run", str(photos / "IMG_0001.AAE"), "--out", str(out)])
 
     assert folder_run.exit_code == 0, folder_run.output
-    assert "left out 2 files that are not photos by their suffix (.aae, .mov)" in folder_run.output
+    assert "left out 2 files that are not photos by suffix (.aae, .mov)" in folder_run.output
     assert "1 image " in folder_run.output
     assert named_run.exit_code == 1
     assert "UnsupportedImageError" in named_run.output

@@ -127,12 +127,18 @@ def run(
         raise click.UsageError(str(exc)) from exc
     if left_out:
         suffixes = ", ".join(sorted({path.suffix.lower() for path in left_out}))
+        counted = (
+            "1 file that is not a photo"
+            if len(left_out) == 1
+            else (f"{len(left_out)} files that are not photos")
+        )
         console.print(
-            f"left out {len(left_out)} {'file' if len(left_out) == 1 else 'files'} that are not "
-            f"photos by their suffix ({escape(printable(suffixes))}); name a file to run it anyway"
+            f"left out {counted} by suffix ({escape(printable(suffixes))}); name a file to run "
+            "it anyway",
+            soft_wrap=True,
         )
     if not inputs:
-        raise click.UsageError(f"no files found in {', '.join(str(path) for path in paths)}")
+        raise click.UsageError(f"no photos found in {', '.join(str(path) for path in paths)}")
 
     function_env = {"MAX_LABELS": str(max_labels)}
     if min_confidence is not None:

@@ -676,7 +676,7 @@ class Recorder:
             logger.warning(
                 "marked %d execution(s) of ended processes as ABORTED: %s",
                 len(abandoned),
-                abandoned,
+                ", ".join(abandoned),
             )
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll, name="labelmark-recorder", daemon=True)
