@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -230,19 +231,30 @@ def test_run_leaves_out_companion_files_by_suffix(tmp_path: Path) -> None:
     assert "UnsupportedImageError" in named_run.output
 
 
+def _run_failing_on_pixel_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> tuple[Path, Path, Any]:
+    """Run one photo with MAX_PIXELS below its size, then restore the default limit.
+
+    Returns the photo folder, the output folder and the failed run's result.
+    """
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (320, 240), (40, 160, 40)).save(photos / name)
+    out = tmp_path / "out"
+    monkeypatch.setenv("MAX_PIXELS", "1000")
+    failed = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+    monkeypatch.delenv("MAX_PIXELS")
+    return photos, out, failed
+
+
 def test_run_success_removes_earlier_failure_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # GIVEN a photo whose run failed on a pixel limit WHEN it runs again within the default limit
     # and succeeds THEN the earlier failure record no longer sits beside the published image
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    Image.new("RGB", (320, 240), (40, 160, 40)).save(photos / "green.jpg")
-    out = tmp_path / "out"
-    monkeypatch.setenv("MAX_PIXELS", "1000")
-    failed = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+    photos, out, failed = _run_failing_on_pixel_limit(tmp_path, monkeypatch, "green.jpg")
     records_after_failure = list((out / "labelmark-failures").glob("*.json"))
-    monkeypatch.delenv("MAX_PIXELS")
 
     succeeded = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
 
@@ -280,13 +292,7 @@ def test_replay_success_removes_failure_record(
     # GIVEN a photo whose run failed on a pixel limit WHEN the failed run is replayed into the
     # same folder within the default limit and succeeds THEN the failure record of the run it
     # repaired is gone
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    Image.new("RGB", (320, 240), (40, 40, 160)).save(photos / "blue.jpg")
-    out = tmp_path / "out"
-    monkeypatch.setenv("MAX_PIXELS", "1000")
-    failed = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
-    monkeypatch.delenv("MAX_PIXELS")
+    _, out, failed = _run_failing_on_pixel_limit(tmp_path, monkeypatch, "blue.jpg")
 
     replayed = CliRunner().invoke(main, ["replay", "--failed", "--out", str(out)])
 
