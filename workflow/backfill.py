@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from workflow.engine import LocalEngine, object_created_event
+from workflow.localfiles import is_inside
 
 __all__ = [
     "RESULTS_PREFIX",
@@ -39,17 +40,15 @@ def upload_folder(
 ) -> list[str]:
     """Put every file under FOLDER into the local source bucket as PREFIX + its relative path.
 
-    Files under SKIP (the output folder, when it lies inside FOLDER) are left out, so that earlier
-    results are not processed again as new photos.
+    Files under SKIP (the output folder) are left out, as `labelmark run` leaves them out, so that
+    earlier results are not processed again as new photos.
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"folder to backfill from not found: {folder}")
-    skipped = skip.resolve() if skip is not None else None
-    if skipped is not None and folder.resolve().is_relative_to(skipped):
-        skipped = None
+    skipped = [skip] if skip is not None else []
     keys = []
     for path in sorted(item for item in folder.rglob("*") if item.is_file()):
-        if skipped is not None and path.resolve().is_relative_to(skipped):
+        if is_inside(path, skipped):
             continue
         key = prefix + path.relative_to(folder).as_posix()
         engine.upload(key, path.read_bytes())

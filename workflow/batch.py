@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from functions.common.labels import headline_names
 from workflow.engine import LocalEngine, RunResult
-from workflow.localfiles import key_to_path, write_object
+from workflow.localfiles import is_inside, key_to_path, write_object
 
 if TYPE_CHECKING:
     from workflow.workers import WorkerPool
@@ -91,17 +91,12 @@ def collect_inputs(
     NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT; a file named in PATHS always runs.
     Two inputs that map to one key are an error.
     """
-    skipped = [folder.resolve() for folder in skip]
-
-    def in_skipped(item: Path) -> bool:
-        resolved = item.resolve()
-        return any(resolved.is_relative_to(folder) for folder in skipped)
-
+    skipped = list(skip)
     inputs: list[InputFile] = []
     for path in paths:
         if not path.exists():
             raise InputError(f"input '{path}' does not exist")
-        if in_skipped(path):
+        if is_inside(path, skipped):
             continue
         if path.is_dir():
             base = path.resolve().name or "root"
@@ -109,7 +104,7 @@ def collect_inputs(
                 relative = file.relative_to(path)
                 if not file.is_file() or any(part.startswith(".") for part in relative.parts):
                     continue
-                if in_skipped(file):
+                if is_inside(file, skipped):
                     continue
                 if file.suffix.lower() in NOT_PHOTO_SUFFIXES:
                     if left_out is not None:

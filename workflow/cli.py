@@ -19,12 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from workflow import batch
-from workflow.batch import (
-    ImageOutcome,
-    InputError,
-    collect_inputs,
-    run_batch,
-)
+from workflow.batch import ImageOutcome, InputError, collect_inputs, run_batch
 from workflow.cli_options import detector_option, out_dir_option
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine
@@ -148,7 +143,6 @@ def run(
                 param_hint="'--min-confidence' / MIN_CONFIDENCE",
             )
         function_env["MIN_CONFIDENCE"] = str(min_confidence)
-    _check_model_threads(detector)
     try:
         config = EngineConfig(
             detector=detector, output_prefix=output_prefix, function_env=function_env
@@ -160,7 +154,8 @@ def run(
     started = time.perf_counter()
     # Recorded in the state folder (LABELMARK_STATE_DIR, default .labelmark) for 'labelmark replay'.
     recorder = Recorder(ExecutionStore(state_dir))
-    # Every outcome as it is printed, so that an interrupt at any point knows what finished.
+    # Every outcome as it is printed, so that after an interrupt at any point the summary counts
+    # what finished.
     outcomes: list[ImageOutcome] = []
     stop_signal = _StopSignal()
     with stop_signal:
@@ -221,24 +216,14 @@ class _StopSignal:
 
 
 def _check_function_settings(config: EngineConfig) -> None:
-    """Reject an invalid function setting (JPEG_QUALITY=500, say) before any image starts."""
+    """Reject an invalid function setting before any image starts, as a usage error.
+
+    JPEG_QUALITY=500 or LABELMARK_MODEL_THREADS=0, say, would otherwise fail every image.
+    """
     from functions.common.errors import ConfigurationError
 
     try:
         LocalEngine(config).check_function_settings()
-    except ConfigurationError as exc:
-        raise click.UsageError(str(exc)) from exc
-
-
-def _check_model_threads(detector: str) -> None:
-    """Reject an invalid LABELMARK_MODEL_THREADS before any image starts, as a usage error."""
-    if detector != "local":
-        return
-    from functions.common.errors import ConfigurationError
-    from functions.detect.local_model import model_threads
-
-    try:
-        model_threads()
     except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from exc
 

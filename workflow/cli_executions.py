@@ -60,11 +60,6 @@ def parse_since(text: str | None) -> dt.datetime | None:
     return dt.datetime.now(dt.UTC) - dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
-def _reason(error: Exception) -> str:
-    """Return ERROR's message without the 'cannot replay NAME: ' that some messages begin with."""
-    return re.sub(r"^cannot replay '[^']*': ", "", str(error))
-
-
 def _state_dir_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--state-dir",
@@ -483,7 +478,7 @@ def _replay_local(
                     continue
                 except ReplayError as exc:
                     console.print(
-                        f"[red]cannot replay {_console_text(name)}:[/red] {_console_text(_reason(exc))}"
+                        f"[red]cannot replay {_console_text(name)}:[/red] {_console_text(str(exc))}"
                     )
                     ok = False
                     continue

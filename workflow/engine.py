@@ -207,6 +207,10 @@ class LocalEngine:
             detect_settings()
             watermark_settings()
             store_settings()
+            if self.config.detector == "local":
+                from functions.detect.local_model import model_threads
+
+                model_threads()  # LABELMARK_MODEL_THREADS
         finally:
             self._restore_env()
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["key_to_path", "write_object"]
+__all__ = ["is_inside", "key_to_path", "write_object"]
 
 _UNSAFE = set('\\:*?"<>|%') | {chr(code) for code in range(32)} | {"\x7f"}
 _MAX_COMPONENT_BYTES = 255
@@ -27,6 +28,12 @@ def _process_umask() -> int:
 
 # mkstemp creates files readable by their owner only; results get the mode a new file gets.
 _FILE_MODE = 0o666 & ~_process_umask()
+
+
+def is_inside(path: Path, folders: Iterable[Path]) -> bool:
+    """Return whether PATH is one of FOLDERS or lies under one, after resolving links."""
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(folder.resolve()) for folder in folders)
 
 
 def key_to_path(root: Path, key: str) -> Path:

@@ -297,7 +297,7 @@ def _restore_source(engine: LocalEngine, store: ExecutionStore, record: Executio
         body = store.read_blob(record.source_sha256) if record.source_sha256 else None
         if body is None:
             raise ReplayError(
-                f"cannot replay {record.name!r}: s3://{record.source_bucket}/{record.source_key} is gone and "
+                f"s3://{record.source_bucket}/{record.source_key} is gone and "
                 f"its bytes were not kept in {store.state_dir / 'objects'}; upload it again instead"
             )
         current = str(
@@ -305,7 +305,7 @@ def _restore_source(engine: LocalEngine, store: ExecutionStore, record: Executio
         ).strip('"')
     if record.source_etag and current != record.source_etag.strip('"'):
         raise ReplayError(
-            f"cannot replay {record.name!r}: s3://{record.source_bucket}/{record.source_key} changed since the run "
+            f"s3://{record.source_bucket}/{record.source_key} changed since the run "
             f"(ETag {record.source_etag} is now {current}); the new upload has a run of its own"
         )
 
