@@ -8,10 +8,10 @@ with the source's quantization tables and chroma subsampling, as render's re-enc
 the coefficients.
 
 It lives beside the benchmark rather than in the watermark function because render does not
-call it: on one core of a shared 2-core x86_64 machine,
-bench/watermark.py measured 164 ms per 8 to 12 MP photo against 92 ms for render's full decode
-and re-encode, with 1.15 times render's peak memory. jpeglib 1.0.2 builds libjpeg-turbo without
-SIMD and copies every coefficient through ctypes arrays, and it has no wheel for Lambda's arm64.
+call it. On one core of a shared 2-core x86_64 machine, bench/watermark.py measured 164 ms per
+8 to 12 MP photo against 92 ms for render's full decode and re-encode, with 1.15 times render's
+peak memory. jpeglib 1.0.2 builds libjpeg-turbo without SIMD and copies every coefficient through
+ctypes arrays, and it has no wheel for Lambda's arm64.
 """
 
 from __future__ import annotations

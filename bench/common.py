@@ -90,7 +90,7 @@ def write_camera_photos(folder: Path) -> list[Path]:
 def camera_photos(folder: Path, count: int) -> list[Path]:
     """Write COUNT distinct camera-like JPEGs (CAMERA_PHOTOS in turn) into FOLDER once.
 
-    Each photo has its own noise, so no two files are the same; they are kept between runs
+    Each photo has its own noise, so no two files are the same. They are kept between runs
     because a 12 MP photo takes about a second to make.
     """
     folder.mkdir(parents=True, exist_ok=True)

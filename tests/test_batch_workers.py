@@ -417,10 +417,10 @@ def test_interrupt_finishes_running_images(tmp_path: Path, processes: bool) -> N
 
 
 def test_sigterm_stops_run_like_ctrl_c(tmp_path: Path) -> None:
-    # GIVEN 'labelmark run' with two workers on 30 photos WHEN SIGTERM reaches the command alone,
-    # as `kill PID` sends it, once the first image is printed THEN the images running finish, every
-    # printed image has its sidecar, no worker process goes on with the queue, and the status is
-    # 128 + SIGTERM
+    # GIVEN 'labelmark run' with two workers on 30 photos WHEN SIGTERM reaches the command alone
+    # (as `kill PID` sends it) once the first image is printed THEN the images running finish.
+    # Every printed image has its sidecar, no worker process goes on with the queue, and the exit
+    # status is 128 + SIGTERM.
     import os
     import signal
     import subprocess

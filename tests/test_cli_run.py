@@ -169,7 +169,7 @@ def test_run_line_escapes_control_characters(tmp_path: Path) -> None:
 
 
 def test_run_leaves_out_its_output_folder(tmp_path: Path) -> None:
-    # GIVEN a photo folder that holds the output folder of an earlier run WHEN it is run again
+    # GIVEN a photo folder that contains the output folder of an earlier run WHEN it is run again
     # THEN the earlier results are not taken for new photos and watermarked a second time
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -213,7 +213,7 @@ def test_run_rejects_invalid_setting_before_work(
 
 def test_run_leaves_out_companion_files_by_suffix(tmp_path: Path) -> None:
     # GIVEN a phone folder with a photo, its editing sidecar and a video WHEN the folder is run
-    # THEN only the photo runs and the others are named as left out; a file named alone still runs
+    # THEN only the photo runs and the others are named as left out. A file named alone still runs.
     photos = tmp_path / "phone"
     photos.mkdir()
     Image.new("RGB", (320, 240), (40, 40, 200)).save(photos / "IMG_0001.JPG")
@@ -265,7 +265,7 @@ def test_run_success_removes_earlier_failure_record(
     assert (out / "watermarked-photos" / "green.jpg").is_file()
 
 
-def test_run_leaves_out_output_and_state_folders_named_directly(tmp_path: Path) -> None:
+def test_run_leaves_out_named_output_folders(tmp_path: Path) -> None:
     # GIVEN a shell glob that names the photo, the output folder and the state folder WHEN run
     # again after a first run THEN only the photo runs: nothing is watermarked twice and no
     # recorded upload is taken for a photo

@@ -466,7 +466,7 @@ def test_executions_shows_run_of_ended_process_as_aborted(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("command", [["executions"], ["show", "any-run"], ["replay", "--failed"]])
 def test_missing_state_folder_is_reported_not_created(tmp_path: Path, command: list[str]) -> None:
-    # GIVEN a mistyped state folder WHEN a command reads runs THEN it says the folder does not
+    # GIVEN a mistyped state folder WHEN a command reads runs THEN it reports that the folder does not
     # exist instead of creating it and listing nothing
     missing = tmp_path / "no-such-state"
 

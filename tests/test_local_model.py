@@ -425,7 +425,7 @@ def test_detect_labels_16_bit_greyscale_photo():
     assert "Cat" in _top_names(labels)
 
 
-def test_rekognition_copy_of_16_bit_photo_keeps_its_tones():
+def test_rekognition_copy_keeps_16_bit_tones():
     from functions.detect.rekognition import fitted_jpeg
 
     image = _grey_16_bit("chelsea")

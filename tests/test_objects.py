@@ -162,7 +162,7 @@ def test_cameraman_without_frontal_face_is_person():
     person = next(label for label in labels if label["Name"] == "Person")
     assert len(person["Instances"]) >= 1
     box = person["Instances"][0]["BoundingBox"]
-    # The man stands left of centre and takes up most of the photo's height.
+    # The man is left of centre and takes up most of the photo's height.
     assert box["Left"] < 0.4
     assert box["Height"] > 0.6
 

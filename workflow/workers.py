@@ -149,9 +149,9 @@ class WorkerPool:
         }
         self._used = False
         self._closed = False
-        # This process runs images too (unless `run` is told otherwise), so its label model takes
-        # its share of the cores from now on: the model then loads once, with that thread count,
-        # while the calling engine starts.
+        # This process runs images too, unless `run` gets use_calling_process=False. So its label
+        # model takes its share of the cores from now on, and the model loads once, with that
+        # thread count, while the calling engine starts.
         self._restore_threads = (
             _share_cores(self.settings.model_threads) if config.detector == "local" else None
         )
@@ -439,7 +439,7 @@ def core_groups(processes: int) -> list[frozenset[int]]:
     """Split the cores this process may use into PROCESSES equal groups, one per process.
 
     Returns an empty list when there are fewer cores than processes, or when the platform cannot
-    set a thread's cores; then no process is kept to particular cores.
+    set a thread's cores. No process is then kept to particular cores.
     """
     if not hasattr(os, "sched_getaffinity") or not hasattr(os, "sched_setaffinity"):
         return []
@@ -484,7 +484,7 @@ def _next_task(tasks: Any) -> Any:
     """Return the next task, or None at the end marker or once the calling process has ended.
 
     A calling process killed without a chance to stop its workers (SIGKILL) leaves its queue
-    behind; the worker then stops instead of publishing the rest of the batch on its own.
+    behind. The worker then stops instead of publishing the rest of the batch on its own.
     """
     parent = multiprocessing.parent_process()
     while True:

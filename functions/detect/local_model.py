@@ -38,8 +38,8 @@ LABEL_TABLE_PATH = Path(__file__).resolve().parent / "labels" / "imagenet_genera
 # of the cores.
 THREADS_ENV = "LABELMARK_MODEL_THREADS"
 DEFAULT_THREADS = min(2, os.cpu_count() or 1)
-# onnxruntime starts every thread it is given; a count far above the cores only adds start-up
-# time and contention (99999 did not finish one image in 2 minutes).
+# onnxruntime starts every thread it is given, so a count far above the cores only adds start-up
+# time and contention. With 99999, one image did not finish in 2 minutes.
 MAX_THREADS = 64
 
 # JPEG draft decoding picks the smallest 1/2, 1/4 or 1/8 scale that is still at least this
@@ -292,7 +292,7 @@ def detect_labels(
             scores[label] = max(scores.get(label, 0.0), confidence)
     instances_by_label = dict(found)
     # Face boxes stay the Person instances when there are any, so the boxes do not change for
-    # photos the cascade already handled; the detector's person boxes fill in otherwise.
+    # photos the cascade already handled. Otherwise the detector's person boxes are used.
     if faces:
         instances_by_label["Person"] = faces
 
