@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +301,47 @@ def test_replay_success_removes_failure_record(
     assert replayed.exit_code == 0, replayed.output
     assert "SUCCEEDED" in replayed.output
     assert list((out / "labelmark-failures").glob("*.json")) == []
+
+
+def test_new_content_retires_failure_of_earlier_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a photo whose run failed, replaced in its folder by a different photo of the same
+    # name that then runs and succeeds WHEN every failed run is replayed THEN the earlier
+    # upload's failure record is gone, nothing is replayed and the published image is still the
+    # newer photo, not the earlier one watermarked over it
+    photos, out, failed = _run_failing_on_pixel_limit(tmp_path, monkeypatch, "swap.jpg")
+    Image.new("RGB", (320, 240), (200, 40, 40)).save(photos / "swap.jpg")
+
+    succeeded = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+    replayed = CliRunner().invoke(main, ["replay", "--failed", "--out", str(out)])
+
+    assert failed.exit_code == 1
+    assert succeeded.exit_code == 0, succeeded.output
+    assert list((out / "labelmark-failures").glob("*.json")) == []
+    assert replayed.exit_code == 0, replayed.output
+    assert "no failed executions to replay" in replayed.output
+    with Image.open(out / "watermarked-photos" / "swap.jpg") as published:
+        red, _, blue = published.convert("RGB").getpixel((10, 10))
+    assert red > 150 and blue < 100
+
+
+def test_replay_by_name_refuses_earlier_upload_of_replaced_photo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a failed run whose photo was replaced by new content that then ran WHEN that failed
+    # run is replayed by name THEN the replay is refused, naming the newer run
+    photos, out, failed = _run_failing_on_pixel_limit(tmp_path, monkeypatch, "swap.jpg")
+    earlier = re.findall(r"\((swap\.jpg-[0-9a-f]+)\)", failed.output)
+    Image.new("RGB", (320, 240), (200, 40, 40)).save(photos / "swap.jpg")
+    CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+
+    replayed = CliRunner().invoke(main, ["replay", *earlier, "--out", str(out)])
+
+    assert len(earlier) == 1
+    assert replayed.exit_code == 1
+    assert "was uploaded again and ran as swap.jpg-" in replayed.output
+    assert "SUCCEEDED" in replayed.output
 
 
 def test_run_rejects_invalid_function_setting_before_work(

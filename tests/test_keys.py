@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from functions.common.events import SourceObject
-from functions.common.keys import execution_name, sidecar_key
+from functions.common.keys import check_output_prefix, execution_name, sidecar_key
 from tests.inputs_helpers import encode, entered_state_types, process
 from workflow.engine import LocalEngine
 
@@ -76,6 +76,18 @@ def test_execution_name_differs_per_content() -> None:
     second = execution_name(SourceObject(bucket="photos", key="a.jpg", etag="2"))
 
     assert first != second
+
+
+def test_execution_name_keeps_letters_of_accented_names() -> None:
+    name = execution_name(SourceObject(bucket="photos", key="trips/Café Zürich.jpg", etag="1"))
+
+    assert name.startswith("Cafe-Zurich.jpg-")
+
+
+@pytest.mark.parametrize("prefix", ["/", "/processed/", "processed//"])
+def test_output_prefix_with_empty_folder_name_rejected(prefix: str) -> None:
+    with pytest.raises(ValueError, match="empty folder name"):
+        check_output_prefix(prefix)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from workflow.engine import LocalEngine, RunResult
 from workflow.localfiles import is_inside, key_to_path, write_object
 
 if TYPE_CHECKING:
+    from workflow.records import ExecutionStore
     from workflow.workers import WorkerPool
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "InputFile",
     "collect_inputs",
     "remove_failure_record",
+    "remove_replaced_failure_records",
     "run_batch",
     "run_one",
     "write_outcome",
@@ -292,6 +294,25 @@ def remove_failure_record(execution: str, out_dir: Path) -> None:
     from functions.common.keys import failure_key
 
     key_to_path(out_dir, failure_key(execution)).unlink(missing_ok=True)
+
+
+def remove_replaced_failure_records(
+    store: ExecutionStore, out_dir: Path, finished: Iterable[str]
+) -> None:
+    """Delete from OUT_DIR the failure records of earlier uploads of the keys FINISHED ran.
+
+    FINISHED names runs that ended (replays included). When a key is uploaded again with new
+    content, the runs of its earlier content failed on bytes the key no longer holds: `replay
+    --failed` leaves them out, so their records would only point at work that is not left to do.
+    """
+    for name in finished:
+        first = store.get(store.root_of(name))
+        if first is None or not first.source_bucket or not first.source_key:
+            continue
+        for earlier in store.first_attempts_of(first.source_bucket, first.source_key):
+            if earlier.started < first.started:
+                for attempt in store.attempts(earlier.name):
+                    remove_failure_record(attempt.name, out_dir)
 
 
 def _read(engine: LocalEngine, bucket: str, key: str) -> bytes:

@@ -174,6 +174,11 @@ def run(
             # were printed) or while the engine and the worker processes were stopping.
             stop_signal.received = stop_signal.received or signal.SIGINT
 
+    batch.remove_replaced_failure_records(
+        recorder.store,
+        out_dir,
+        (outcome.execution for outcome in outcomes if outcome.status != "SKIPPED"),
+    )
     _print_summary(console, outcomes, time.perf_counter() - started, out_dir)
     if stop_signal.received:
         not_started = len(inputs) - len(outcomes)

@@ -483,13 +483,18 @@ def _replay_local(
                     ok = False
                     continue
                 # The local buckets vanish with this command, so the result goes to a folder.
-                from workflow.batch import remove_failure_record, write_outcome
+                from workflow.batch import (
+                    remove_failure_record,
+                    remove_replaced_failure_records,
+                    write_outcome,
+                )
 
                 outcome = write_outcome(engine, plan.original.source_key or "", result, out_dir)
                 if outcome.status == "SUCCEEDED":
                     # The failed runs this replay repairs no longer describe the upload.
                     for failed in filter(None, (plan.original.name, plan.original.replay_of)):
                         remove_failure_record(failed, out_dir)
+                remove_replaced_failure_records(store, out_dir, [plan.name])
                 written = outcome.output_file or outcome.failure_file
                 console.print(
                     f"replayed {_console_text(plan.describe())}: {_status(result.status)}"

@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS executions (
     owner_pid INTEGER
 );
 CREATE INDEX IF NOT EXISTS executions_started ON executions (started);
+CREATE INDEX IF NOT EXISTS executions_source ON executions (source_bucket, source_key);
 CREATE TABLE IF NOT EXISTS events (
     execution TEXT NOT NULL REFERENCES executions (name),
     event_id INTEGER NOT NULL,
@@ -477,6 +478,20 @@ class ExecutionStore:
         return [_record(row) for row in rows]
 
     # From here on, `list` in this class body names the method above, hence `builtins.list`.
+    def first_attempts_of(self, bucket: str, key: str) -> builtins.list[ExecutionRecord]:
+        """Return the runs started by uploads of s3://BUCKET/KEY, replays left out, newest first.
+
+        Each upload of new content gets a run of its own, because the name contains a digest of
+        the ETag. So the newest run here is the run of the content the key contains now.
+        """
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT * FROM executions WHERE source_bucket = ? AND source_key = ?"
+                " AND replay_of IS NULL ORDER BY started DESC, name",
+                (bucket, key),
+            ).fetchall()
+        return [_record(row) for row in rows]
+
     def events(self, name: str) -> builtins.list[EventRecord]:
         """Return the stored history events of one execution, oldest first."""
         with self._lock:

@@ -34,8 +34,10 @@ __all__ = [
     "ReplayInProgress",
     "ReplayNotFound",
     "ReplayPlan",
+    "ReplaySuperseded",
     "claim",
     "derive_definition",
+    "newer_upload",
     "plan_replay",
     "replay",
     "replay_candidates",
@@ -60,6 +62,19 @@ class AlreadyReplayed(ReplayError):
         super().__init__(f"{name} already replayed successfully as {succeeded}")
         self.name = name
         self.succeeded = succeeded
+
+
+class ReplaySuperseded(ReplayError):
+    """The run read content that a later upload of the same key has replaced."""
+
+    def __init__(self, name: str, newer: ExecutionRecord) -> None:
+        super().__init__(
+            f"{name} ran an earlier upload of s3://{newer.source_bucket}/{newer.source_key}, "
+            f"which was uploaded again and ran as {newer.name} ({newer.status}); replaying the "
+            "earlier upload would publish its old content over the newer result"
+        )
+        self.name = name
+        self.newer = newer
 
 
 class ReplayInProgress(ReplayError):
@@ -107,7 +122,11 @@ def replay_candidates(store: ExecutionStore, since: Any = None) -> list[Executio
             continue
         seen_roots.add(root)
         chain = store.attempts(root)
-        if _succeeded_attempt(chain) is None and chain[-1].status in FAILED_STATUSES:
+        if (
+            _succeeded_attempt(chain) is None
+            and chain[-1].status in FAILED_STATUSES
+            and newer_upload(store, chain[0]) is None
+        ):
             candidates.append(chain[-1])
     candidates.reverse()
     return candidates
@@ -138,6 +157,9 @@ def plan_replay(engine: LocalEngine, store: ExecutionStore, name: str) -> Replay
         engine.recorder.sync(chain[-1].name)
         chain = store.attempts(root)
     record = _latest_failed_attempt(store, name, chain)
+    newer = newer_upload(store, chain[0])
+    if newer is not None:
+        raise ReplaySuperseded(name, newer)
     _restore_source(engine, store, record)
     attempt = len(chain) + 1
     suffix = f"-r{attempt}"
@@ -237,6 +259,20 @@ def _start(engine: LocalEngine, plan: ReplayPlan) -> str:
             source_sha256=plan.original.source_sha256,
         )
     return arn
+
+
+def newer_upload(store: ExecutionStore, first: ExecutionRecord) -> ExecutionRecord | None:
+    """Return the run of a later upload of FIRST's source key, or None when FIRST is the latest.
+
+    FIRST is the first attempt of a replay chain. A later upload's run holds the key's current
+    content, so the chain's failure no longer describes what the key holds.
+    """
+    if not first.source_bucket or not first.source_key:
+        return None
+    for record in store.first_attempts_of(first.source_bucket, first.source_key):
+        if record.name != first.name and record.started > first.started:
+            return record
+    return None
 
 
 def _succeeded_attempt(chain: list[ExecutionRecord]) -> ExecutionRecord | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 
 from functions.common.events import SourceObject
 
@@ -53,6 +54,12 @@ def check_output_prefix(prefix: str) -> None:
             raise ValueError(
                 f"output prefix {prefix!r} contains {text!r}, which the guard cannot match literally"
             )
+    if prefix.startswith("/") or "//" in prefix:
+        raise ValueError(
+            f"output prefix {prefix!r} is invalid because it has an empty folder name (a "
+            "leading '/' or '//'), so S3 would list the results under a folder with no name. "
+            "Write it like 'processed/'"
+        )
     for reserved in (STAGING_PREFIX, FAILURE_PREFIX, "labelmark-backfill/"):
         if prefix.startswith(reserved) or reserved.startswith(prefix):
             raise ValueError(
@@ -99,7 +106,9 @@ def execution_name(source: SourceObject) -> str:
     identity, so a duplicate event maps to the same name while a new upload gets a new one.
     """
     digest = _content_digest(source)[:16]
-    stem = _NAME_UNSAFE.sub("-", source.key.rsplit("/", 1)[-1]).strip("-.") or "object"
+    # Accents are dropped rather than the letters that carry them: 'café.jpg' gives 'cafe.jpg'.
+    base = unicodedata.normalize("NFKD", source.key.rsplit("/", 1)[-1])
+    stem = _NAME_UNSAFE.sub("-", base.encode("ascii", "ignore").decode()).strip("-.") or "object"
     room = _NAME_MAX - len(digest) - 1
     return f"{stem[:room]}-{digest}"
 
