@@ -303,13 +303,14 @@ def test_replay_success_removes_failure_record(
     assert list((out / "labelmark-failures").glob("*.json")) == []
 
 
-def test_new_content_retires_failure_of_earlier_upload(
+def test_replaced_photo_retires_old_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # GIVEN a photo whose run failed, replaced in its folder by a different photo of the same
-    # name that then runs and succeeds WHEN every failed run is replayed THEN the earlier
-    # upload's failure record is gone, nothing is replayed and the published image is still the
-    # newer photo, not the earlier one watermarked over it
+    # GIVEN a photo whose run failed, then replaced by a different photo of the same name that
+    # runs and succeeds
+    # WHEN every failed run is replayed
+    # THEN the old failure record is gone and nothing is replayed, so the published image is
+    # still the newer photo
     photos, out, failed = _run_failing_on_pixel_limit(tmp_path, monkeypatch, "swap.jpg")
     Image.new("RGB", (320, 240), (200, 40, 40)).save(photos / "swap.jpg")
 
@@ -323,14 +324,13 @@ def test_new_content_retires_failure_of_earlier_upload(
     assert "no failed executions to replay" in replayed.output
     with Image.open(out / "watermarked-photos" / "swap.jpg") as published:
         red, _, blue = published.convert("RGB").getpixel((10, 10))
-    assert red > 150 and blue < 100
+    assert red > 150
+    assert blue < 100
 
 
-def test_replay_by_name_refuses_earlier_upload_of_replaced_photo(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_replay_of_replaced_photo_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN a failed run whose photo was replaced by new content that then ran WHEN that failed
-    # run is replayed by name THEN the replay is refused, naming the newer run
+    # run is replayed by name THEN the replay is rejected, naming the newer run
     photos, out, failed = _run_failing_on_pixel_limit(tmp_path, monkeypatch, "swap.jpg")
     earlier = re.findall(r"\((swap\.jpg-[0-9a-f]+)\)", failed.output)
     Image.new("RGB", (320, 240), (200, 40, 40)).save(photos / "swap.jpg")

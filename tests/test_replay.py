@@ -11,6 +11,7 @@ from workflow.engine import EngineConfig, LocalEngine
 from workflow.records import ExecutionStore, Recorder
 from workflow.replay import (
     AlreadyReplayed,
+    ReplayedMeanwhile,
     ReplayError,
     ReplayInProgress,
     ReplayNotFound,
@@ -234,3 +235,27 @@ def test_replay_unknown_name_raises_not_found(tmp_path: Path) -> None:
         pytest.raises(ReplayNotFound, match="no execution named 'nope'"),
     ):
         replay(engine, store, "nope")
+
+
+def test_listed_replay_skips_chain_replayed_since(tmp_path: Path) -> None:
+    # GIVEN a failed run listed for replay, which another command then replays and which fails
+    # again
+    store = ExecutionStore(tmp_path)
+    name = _failed_run(store, "watermark")
+    listed = [record.name for record in replay_candidates(store)]
+    with LocalEngine(
+        CONFIG, fault_hook=_failing("watermark"), recorder=Recorder(store)
+    ) as other_command:
+        _, other_result = replay(other_command, store, name)
+
+    # WHEN the first command replays what it listed
+    with LocalEngine(CONFIG, recorder=Recorder(store)) as engine:
+        with pytest.raises(ReplayedMeanwhile, match=f"as {name}-r2"):
+            replay(engine, store, listed[0], listed=True)
+        # THEN only a replay asked for by name continues from the other command's failure
+        _, by_name = replay(engine, store, name)
+
+    assert listed == [name]
+    assert other_result.status == "FAILED"
+    assert by_name.name == f"{name}-r3"
+    assert by_name.status == "SUCCEEDED"

@@ -434,16 +434,33 @@ def replay(
         if not targets:
             console.print("no failed executions to replay")
             return
-        ok = _replay_local(console, store, targets, dry_run, out_dir)
+        ok = _replay_local(console, store, targets, dry_run, out_dir, listed=all_failed)
     if not ok:
         sys.exit(1)
 
 
 def _replay_local(
-    console: Console, store: ExecutionStore, names: list[str], dry_run: bool, out_dir: Path
+    console: Console,
+    store: ExecutionStore,
+    names: list[str],
+    dry_run: bool,
+    out_dir: Path,
+    *,
+    listed: bool,
 ) -> bool:
+    """Replay NAMES on local engines; return whether every replay succeeded.
+
+    LISTED means NAMES came from `replay_candidates`. A run that another command replays after
+    the listing is then skipped rather than reported as an error.
+    """
     from workflow.engine import EngineConfig, LocalEngine
-    from workflow.replay import AlreadyReplayed, ReplayError, plan_replay
+    from workflow.replay import (
+        AlreadyReplayed,
+        ReplayedMeanwhile,
+        ReplayError,
+        ReplayInProgress,
+        plan_replay,
+    )
     from workflow.replay import replay as replay_one
 
     logging.getLogger("moto").setLevel(logging.CRITICAL)
@@ -465,11 +482,10 @@ def _replay_local(
             for name in group:
                 try:
                     if dry_run:
-                        console.print(
-                            f"would replay {_console_text(plan_replay(engine, store, name).describe())}"
-                        )
+                        plan = plan_replay(engine, store, name, listed=listed)
+                        console.print(f"would replay {_console_text(plan.describe())}")
                         continue
-                    plan, result = replay_one(engine, store, name)
+                    plan, result = replay_one(engine, store, name, listed=listed)
                 except AlreadyReplayed as exc:
                     console.print(
                         f"skipped {_console_text(name)}: already replayed successfully as "
@@ -477,6 +493,9 @@ def _replay_local(
                     )
                     continue
                 except ReplayError as exc:
+                    if listed and isinstance(exc, ReplayedMeanwhile | ReplayInProgress):
+                        console.print(f"skipped {_console_text(str(exc))}")
+                        continue
                     console.print(
                         f"[red]cannot replay {_console_text(name)}:[/red] {_console_text(str(exc))}"
                     )

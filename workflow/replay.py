@@ -35,6 +35,7 @@ __all__ = [
     "ReplayNotFound",
     "ReplayPlan",
     "ReplaySuperseded",
+    "ReplayedMeanwhile",
     "claim",
     "derive_definition",
     "newer_upload",
@@ -75,6 +76,15 @@ class ReplaySuperseded(ReplayError):
         )
         self.name = name
         self.newer = newer
+
+
+class ReplayedMeanwhile(ReplayError):
+    """The run was listed for replay, but another command replayed it before this one could."""
+
+    def __init__(self, name: str, latest: str) -> None:
+        super().__init__(f"{name} was replayed meanwhile by another command as {latest}")
+        self.name = name
+        self.latest = latest
 
 
 class ReplayInProgress(ReplayError):
@@ -132,11 +142,16 @@ def replay_candidates(store: ExecutionStore, since: Any = None) -> list[Executio
     return candidates
 
 
-def plan_replay(engine: LocalEngine, store: ExecutionStore, name: str) -> ReplayPlan:
+def plan_replay(
+    engine: LocalEngine, store: ExecutionStore, name: str, *, listed: bool = False
+) -> ReplayPlan:
     """Decide where a replay of NAME starts, putting its source object back in place if needed.
 
     The replay continues from the newest attempt in NAME's chain. Raises AlreadyReplayed when an
-    attempt succeeded and ReplayInProgress when a replay of the chain is running.
+    attempt succeeded and ReplayInProgress when a replay of the chain is running. LISTED means
+    NAME came from `replay_candidates`, so it must still be the newest attempt: otherwise another
+    command replayed it after the listing, and ReplayedMeanwhile is raised instead of replaying
+    that command's fresh failure again.
     """
     if engine.recorder is not None:
         # The run may have ended a moment ago, before the recorder's next poll copied its end.
@@ -156,6 +171,8 @@ def plan_replay(engine: LocalEngine, store: ExecutionStore, name: str) -> Replay
     if engine.recorder is not None and chain[-1].name != name:
         engine.recorder.sync(chain[-1].name)
         chain = store.attempts(root)
+    if listed and chain[-1].name != name:
+        raise ReplayedMeanwhile(name, chain[-1].name)
     record = _latest_failed_attempt(store, name, chain)
     newer = newer_upload(store, chain[0])
     if newer is not None:
@@ -206,10 +223,18 @@ def _resume_point(
 
 
 def replay(
-    engine: LocalEngine, store: ExecutionStore, name: str, *, timeout: float = 600.0
+    engine: LocalEngine,
+    store: ExecutionStore,
+    name: str,
+    *,
+    timeout: float = 600.0,
+    listed: bool = False,
 ) -> tuple[ReplayPlan, RunResult]:
-    """Replay the failed run NAME on ENGINE, record it as a new attempt and wait for its end."""
-    plan = plan_replay(engine, store, name)
+    """Replay the failed run NAME on ENGINE, record it as a new attempt and wait for its end.
+
+    LISTED is passed to `plan_replay`.
+    """
+    plan = plan_replay(engine, store, name, listed=listed)
     claim(store, plan)
     return plan, run_claimed(engine, store, plan, timeout=timeout)
 
@@ -264,8 +289,8 @@ def _start(engine: LocalEngine, plan: ReplayPlan) -> str:
 def newer_upload(store: ExecutionStore, first: ExecutionRecord) -> ExecutionRecord | None:
     """Return the run of a later upload of FIRST's source key, or None when FIRST is the latest.
 
-    FIRST is the first attempt of a replay chain. A later upload's run holds the key's current
-    content, so the chain's failure no longer describes what the key holds.
+    FIRST is the first attempt of a replay chain. A later upload's run read the key's current
+    content, so the chain's failure no longer describes what the key contains.
     """
     if not first.source_bucket or not first.source_key:
         return None
