@@ -8,6 +8,8 @@ import importlib
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +238,35 @@ def test_forget_execution_releases_moto_state() -> None:
 
         assert state_machine.executions == []
         assert all(thread.is_alive() for thread in utils.TMP_THREADS)
+
+
+_BATCH_CHECK = """
+import sys
+from workflow.engine import EngineConfig, LocalEngine
+with LocalEngine(EngineConfig(detector="rekognition", real_rekognition=False)) as engine:
+    loaded_with_engine = "moto.ec2" in sys.modules
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
+        state_task_service_factory as factory,
+    )
+    service = factory.state_task_service_for("batch")
+print(loaded_with_engine, type(service).__module__, type(service).__name__, "moto.ec2" in sys.modules)
+"""
+
+
+def test_batch_integration_loaded_on_demand() -> None:
+    # GIVEN a fresh process WHEN an engine starts and then a Batch task is built THEN moto's EC2
+    # models were not imported by the start, and the task is moto's real Batch integration
+    completed = subprocess.run(
+        [sys.executable, "-c", _BATCH_CHECK],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=120,
+    )
+    loaded_with_engine, module, name, loaded_after = completed.stdout.split()
+
+    assert loaded_with_engine == "False"
+    assert module == fastparse._BATCH_MODULE
+    assert name == "StateTaskServiceBatch"
+    assert loaded_after == "True"

@@ -21,7 +21,7 @@ from workflow.dispatch import FaultHook, LambdaDispatcher, function_arn, install
 
 if TYPE_CHECKING:
     from workflow.records import Recorder
-from workflow.fastparse import install_parse_cache, wait_for_termination
+from workflow.fastparse import defer_batch_integration, install_parse_cache, wait_for_termination
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class LocalEngine:
             # Loading the label model takes about 0.25 s, mostly outside the GIL, so it overlaps
             # moto's import below instead of delaying the first image.
             threading.Thread(target=_load_label_model, name="labelmark-model", daemon=True).start()
+        defer_batch_integration()
         from moto import mock_aws
 
         self._set_env(self._environment())
