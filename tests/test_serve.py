@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import jpeg_bytes
 from workflow.engine import EngineConfig
 from workflow.records import EventRecord
-from workflow.server import LocalStack, error_message, find_failed_state
+from workflow.server import LocalStack, error_message, find_failed_state, host_allowed
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -492,3 +492,66 @@ def test_find_failed_state_last_entered_without_record() -> None:
 )
 def test_error_message_from_cause(cause: str | None, expected: str | None) -> None:
     assert error_message(cause) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "expected_status"),
+    [
+        # a page of another site whose name was made to resolve to 127.0.0.1
+        ("attacker.example:{port}", 403),
+        # the right name on another port
+        ("localhost:1", 403),
+        ("localhost:{port}", 200),
+        ("127.0.0.1:{port}", 200),
+    ],
+)
+def test_serve_page_checks_host(
+    stack: tuple[LocalStack, threading.Event], host: str, expected_status: int
+) -> None:
+    running, _ = stack
+    port = urlsplit(running.web_url).port
+
+    status, _, body = _request(running, "GET", "/api/executions", {"Host": host.format(port=port)})
+
+    assert status == expected_status
+    assert ("error" in body) == (expected_status == 403)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected_status"), [("attacker.example:{port}", 403), ("127.0.0.1:{port}", 200)]
+)
+def test_serve_s3_endpoint_checks_host(
+    stack: tuple[LocalStack, threading.Event], host: str, expected_status: int
+) -> None:
+    running, _ = stack
+    port = urlsplit(running.s3_url).port
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(
+            "GET", f"/{running.config.source_bucket}", headers={"Host": host.format(port=port)}
+        )
+        status = connection.getresponse().status
+    finally:
+        connection.close()
+
+    assert status == expected_status
+
+
+@pytest.mark.parametrize(
+    ("header", "bound_host", "allowed"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1", True),
+        ("LOCALHOST:8080", "127.0.0.1", True),
+        ("[::1]:8080", "::1", True),
+        ("photos.localhost:8080", "127.0.0.1", True),
+        ("127.0.0.1", "127.0.0.1", False),
+        ("127.0.0.1:8081", "127.0.0.1", False),
+        ("127.0.0.1:port", "127.0.0.1", False),
+        ("localhost.example:8080", "127.0.0.1", False),
+        (None, "127.0.0.1", False),
+        # bound to every interface: the names clients use are not known
+        ("attacker.example:8080", "0.0.0.0", True),
+    ],
+)
+def test_host_allowed(header: str | None, bound_host: str, allowed: bool) -> None:
+    assert host_allowed(header, bound_host, 8080) is allowed

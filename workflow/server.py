@@ -47,6 +47,7 @@ __all__ = [
     "PortUnavailable",
     "error_message",
     "find_failed_state",
+    "host_allowed",
     "summary",
 ]
 
@@ -54,6 +55,7 @@ POLL_INTERVAL = 0.5
 # Request bodies are read and discarded up to this size, so the client gets the response.
 MAX_BODY_BYTES = 64 * 1024
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 WEB_DIR = Path(__file__).with_name("web")
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,27 @@ def _listen(role: str, host: str, port: int) -> socket.socket:
         raise PortUnavailable(role, host, port, exc) from exc
 
 
+class _LoopbackOnly:
+    """WSGI middleware that returns 403 for requests whose Host is not this loopback server."""
+
+    def __init__(self, app: Any, bound_host: str, port: int) -> None:
+        self.app = app
+        self.bound_host = bound_host
+        self.port = port
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        host = environ.get("HTTP_HOST")
+        if host_allowed(host, self.bound_host, self.port):
+            return self.app(environ, start_response)
+        logger.warning("S3 request for host %r rejected: not this server", printable(str(host)))
+        body = b"Forbidden: the Host header does not name this server\n"
+        start_response(
+            "403 Forbidden",
+            [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+
 class _S3Endpoint:
     """moto's S3 server, serving on a socket that is already listening.
 
@@ -92,7 +115,7 @@ class _S3Endpoint:
     werkzeug exits that thread and start() waits for it forever, so the caller binds first.
     """
 
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, bound_host: str) -> None:
         from moto.moto_server.werkzeug_app import (
             DomainDispatcherApplication,
             MotoRequestHandler,
@@ -104,7 +127,7 @@ class _S3Endpoint:
         self.server = make_server(
             host,
             port,
-            DomainDispatcherApplication(create_backend_app),
+            _LoopbackOnly(DomainDispatcherApplication(create_backend_app), bound_host, port),
             threaded=True,
             request_handler=MotoRequestHandler,
             fd=listener.fileno(),
@@ -158,6 +181,7 @@ class LocalStack:
         self._failed_states: dict[tuple[str, dt.datetime | None], str | None] = {}
         self.s3_url = ""
         self.web_url = ""
+        self.web_port = 0
         # Origins the page may be loaded from. POSTs from any other origin are rejected.
         self.origins: frozenset[str] = frozenset()
 
@@ -173,12 +197,13 @@ class LocalStack:
         self.engine.start()
 
         assert self._s3_listener is not None and self._web is not None
-        self._s3 = _S3Endpoint(self._s3_listener)
+        self._s3 = _S3Endpoint(self._s3_listener, self.host)
         self._s3_listener = None
         self._s3.start()
         self.s3_url = f"http://{self.host}:{self._s3.port}"
 
-        web_port = self._web.server_address[1]
+        web_port = int(self._web.server_address[1])
+        self.web_port = web_port
         self.web_url = f"http://{self.host}:{web_port}/"
         self.origins = _own_origins(self.host, web_port)
         self._web_thread = threading.Thread(
@@ -443,13 +468,37 @@ def _own_origins(host: str, port: int) -> frozenset[str]:
     # A page on the loopback interface may be opened as 127.0.0.1, localhost or [::1].
     # NOTE: with a wildcard --host such as 0.0.0.0, the page's origin is the address that the
     # browser used, which is not known here, so the page can list runs but not replay them.
-    names = _LOOPBACK_NAMES if host in ("127.0.0.1", "localhost", "::1") else (host,)
+    names = _LOOPBACK_NAMES if host in _LOOPBACK_HOSTS else (host,)
     return frozenset(f"http://{name}:{port}" for name in names)
 
 
 def _origin_of(url: str) -> str:
     parsed = urlparse(url)
     return f"{parsed.scheme}://{parsed.netloc}"
+
+
+def host_allowed(header: str | None, bound_host: str, port: int) -> bool:
+    """Return whether a request's Host header names this server on loopback.
+
+    A web page from another site can make its own host name resolve to 127.0.0.1 (DNS
+    rebinding) and then read this server's responses as same-origin ones. Its requests still
+    carry that host name, so only requests for a loopback name and this port are served. Names under
+    `.localhost` are loopback too, and S3 clients use them for virtual-hosted bucket addresses.
+    NOTE: on another --host, such as 0.0.0.0, the names clients use are not known here, so
+    every Host is allowed.
+    """
+    if bound_host not in _LOOPBACK_HOSTS:
+        return True
+    if not header:
+        return False
+    parsed = urlparse(f"//{header}")
+    try:
+        header_port = parsed.port
+    except ValueError:
+        return False
+    name = (parsed.hostname or "").lower()
+    loopback = name in _LOOPBACK_HOSTS or name.endswith(".localhost")
+    return loopback and header_port == port
 
 
 class _Rejected(Exception):
@@ -479,6 +528,7 @@ def _handler_for(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
             """Route one request and send a response for every error, so no request goes unanswered."""
             self._responded = False
             try:
+                self._check_host()
                 route(self._request_path())
             except _Rejected as exc:
                 logger.warning(
@@ -502,6 +552,14 @@ def _handler_for(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
                         {"error": "internal server error; the server log has the details"},
                         HTTPStatus.INTERNAL_SERVER_ERROR,
                     )
+
+        def _check_host(self) -> None:
+            if not host_allowed(self.headers.get("Host"), stack.host, stack.web_port):
+                raise _Rejected(
+                    HTTPStatus.FORBIDDEN,
+                    f"request for host {self.headers.get('Host')!r}, which is not this server; "
+                    f"open the page at {stack.web_url}",
+                )
 
         def _request_path(self) -> str:
             try:
