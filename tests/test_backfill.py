@@ -123,6 +123,40 @@ def test_backfill_cli_local_writes_images_and_results(tmp_path: Path) -> None:
         assert (out / f"watermarked-old/{name}.labels.json").is_file()
 
 
+def test_backfill_cli_local_uploads_photos_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a folder holding photos, a note, a hidden file and the state folder of earlier runs,
+    # backfilled twice into an output folder inside it, with a prefix without a trailing slash
+    photos = tmp_path / "photos"
+    names = _write_photos(photos, 2)
+    (photos / "notes.txt").write_text("not a photo", encoding="utf-8")
+    (photos / ".hidden.jpg").write_bytes(b"not a photo either")
+    monkeypatch.setenv("LABELMARK_STATE_DIR", str(photos / ".labelmark"))
+    command = ["backfill", "old", "--from", str(photos), "--out", str(photos / "processed")]
+
+    first = CliRunner().invoke(main, command)
+    second = CliRunner().invoke(main, command)
+
+    # THEN each run uploads the two photos only, under 'old/', and publishes each once
+    assert first.exit_code == 0, first.output
+    assert second.exit_code == 0, second.output
+    assert "uploading the files of --from under old/" in second.output
+    assert "left out 1 file that is not a photo by suffix (.txt)" in second.output
+    assert "2 objects under old/: 2 succeeded" in second.output
+    published = sorted(
+        path.relative_to(photos / "processed").as_posix()
+        for path in (photos / "processed").rglob("*")
+        if path.is_file() and "labelmark-backfill" not in path.parts
+    )
+    expected = sorted(
+        item
+        for name in names
+        for item in (f"watermarked-old/{name}", f"watermarked-old/{name}.labels.json")
+    )
+    assert published == expected
+
+
 def test_backfill_cli_local_needs_from() -> None:
     result = CliRunner().invoke(main, ["backfill", "old/"])
 

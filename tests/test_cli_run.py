@@ -344,6 +344,17 @@ def test_replay_of_replaced_photo_rejected(tmp_path: Path, monkeypatch: pytest.M
     assert "SUCCEEDED" in replayed.output
 
 
+def test_run_input_inside_output_folder_named(tmp_path: Path) -> None:
+    out = tmp_path / "processed"
+    out.mkdir()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(out / "result.jpg")
+
+    result = CliRunner().invoke(main, ["run", str(out / "result.jpg"), "--out", str(out)])
+
+    assert result.exit_code == 2
+    assert "is inside the output folder" in result.output
+
+
 def test_run_rejects_invalid_function_setting_before_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,13 +17,13 @@ import datetime as dt
 import json
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from workflow.batch import folder_photos
 from workflow.engine import LocalEngine, object_created_event
-from workflow.localfiles import is_inside
 
 __all__ = [
     "RESULTS_PREFIX",
@@ -36,21 +36,24 @@ RESULTS_PREFIX = "labelmark-backfill/"
 
 
 def upload_folder(
-    engine: LocalEngine, folder: Path, prefix: str, *, skip: Path | None = None
+    engine: LocalEngine,
+    folder: Path,
+    prefix: str,
+    *,
+    skip: Iterable[Path] = (),
+    left_out: list[Path] | None = None,
 ) -> list[str]:
-    """Put every file under FOLDER into the local source bucket as PREFIX + its relative path.
+    """Put each photo under FOLDER into the local source bucket as PREFIX + its relative path.
 
-    Files under SKIP (the output folder) are left out, as `labelmark run` leaves them out, so that
-    earlier results are not processed again as new photos.
+    The files are chosen as `labelmark run` chooses a folder's files: hidden files, files under
+    SKIP (the output and state folders) and files with a suffix in NOT_PHOTO_SUFFIXES (added to
+    LEFT_OUT) are left out, so that earlier results and the run records are not taken for photos.
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"folder to backfill from not found: {folder}")
-    skipped = [skip] if skip is not None else []
     keys = []
-    for path in sorted(item for item in folder.rglob("*") if item.is_file()):
-        if is_inside(path, skipped):
-            continue
-        key = prefix + path.relative_to(folder).as_posix()
+    for path, relative in folder_photos(folder, skip=skip, left_out=left_out):
+        key = prefix + relative
         engine.upload(key, path.read_bytes())
         keys.append(key)
     return keys

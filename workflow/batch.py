@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from functions.common.labels import headline_names
+from workflow.display import printable
 from workflow.engine import LocalEngine, RunResult
 from workflow.localfiles import is_inside, key_to_path, write_object
 
@@ -25,6 +26,8 @@ __all__ = [
     "InputError",
     "InputFile",
     "collect_inputs",
+    "describe_left_out",
+    "folder_photos",
     "remove_failure_record",
     "remove_replaced_failure_records",
     "run_batch",
@@ -81,6 +84,39 @@ NOT_PHOTO_SUFFIXES = frozenset(
 )  # fmt: skip
 
 
+def folder_photos(
+    folder: Path, *, skip: Iterable[Path] = (), left_out: list[Path] | None = None
+) -> Iterator[tuple[Path, str]]:
+    """Yield each photo file under FOLDER with its path relative to FOLDER, sorted by path.
+
+    Hidden files and folders (starting with `.`) and everything in the SKIP folders are left
+    out. Files whose suffix is in NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT.
+    """
+    skipped = list(skip)
+    for file in sorted(folder.rglob("*")):
+        relative = file.relative_to(folder)
+        if not file.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        if is_inside(file, skipped):
+            continue
+        if file.suffix.lower() in NOT_PHOTO_SUFFIXES:
+            if left_out is not None:
+                left_out.append(file)
+            continue
+        yield file, relative.as_posix()
+
+
+def describe_left_out(left_out: list[Path]) -> str:
+    """Return a line with the count of files left out by suffix, and their suffixes."""
+    suffixes = ", ".join(sorted({path.suffix.lower() for path in left_out}))
+    counted = (
+        "1 file that is not a photo"
+        if len(left_out) == 1
+        else f"{len(left_out)} files that are not photos"
+    )
+    return f"left out {counted} by suffix ({printable(suffixes)})"
+
+
 def collect_inputs(
     paths: Iterable[Path], *, skip: Iterable[Path] = (), left_out: list[Path] | None = None
 ) -> list[InputFile]:
@@ -102,17 +138,8 @@ def collect_inputs(
             continue
         if path.is_dir():
             base = path.resolve().name or "root"
-            for file in sorted(path.rglob("*")):
-                relative = file.relative_to(path)
-                if not file.is_file() or any(part.startswith(".") for part in relative.parts):
-                    continue
-                if is_inside(file, skipped):
-                    continue
-                if file.suffix.lower() in NOT_PHOTO_SUFFIXES:
-                    if left_out is not None:
-                        left_out.append(file)
-                    continue
-                inputs.append(InputFile(file, f"{base}/{relative.as_posix()}"))
+            for file, relative in folder_photos(path, skip=skipped, left_out=left_out):
+                inputs.append(InputFile(file, f"{base}/{relative}"))
         elif path.is_file():
             inputs.append(InputFile(path, path.name))
         else:

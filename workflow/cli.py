@@ -23,6 +23,7 @@ from workflow.batch import ImageOutcome, InputError, collect_inputs, run_batch
 from workflow.cli_options import detector_option, out_dir_option
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine
+from workflow.localfiles import is_inside
 from workflow.records import ExecutionStore, Recorder, default_state_dir
 from workflow.workers import WorkerPool
 
@@ -113,27 +114,19 @@ def run(
     """
     console = Console(highlight=False)
     _quiet_libraries(verbose)
+    own_folders = {"output": out_dir, "state": state_dir or default_state_dir()}
     try:
         left_out: list[Path] = []
-        inputs = collect_inputs(
-            paths, skip=[out_dir, state_dir or default_state_dir()], left_out=left_out
-        )
+        inputs = collect_inputs(paths, skip=own_folders.values(), left_out=left_out)
     except InputError as exc:
         raise click.UsageError(str(exc)) from exc
     if left_out:
-        suffixes = ", ".join(sorted({path.suffix.lower() for path in left_out}))
-        counted = (
-            "1 file that is not a photo"
-            if len(left_out) == 1
-            else (f"{len(left_out)} files that are not photos")
-        )
         console.print(
-            f"left out {counted} by suffix ({escape(printable(suffixes))}); name a file to run "
-            "it anyway",
+            f"{escape(batch.describe_left_out(left_out))}; name a file to run it anyway",
             soft_wrap=True,
         )
     if not inputs:
-        raise click.UsageError(f"no photos found in {', '.join(str(path) for path in paths)}")
+        raise click.UsageError(_no_photos_message(paths, own_folders))
 
     function_env = {"MAX_LABELS": str(max_labels)}
     if min_confidence is not None:
@@ -193,6 +186,18 @@ def run(
         sys.exit(128 + int(stop_signal.received))
     if any(outcome.status == "FAILED" for outcome in outcomes):
         sys.exit(1)
+
+
+def _no_photos_message(paths: tuple[Path, ...], own_folders: dict[str, Path]) -> str:
+    """Explain why PATHS gave no photos, naming an input that lies in the run's own folders."""
+    for path in paths:
+        for role, folder in own_folders.items():
+            if is_inside(path, [folder]):
+                return (
+                    f"input '{path}' is inside the {role} folder '{folder}', whose files are "
+                    "never taken for photos; move it out or pass another --out or --state-dir"
+                )
+    return f"no photos found in {', '.join(str(path) for path in paths)}"
 
 
 class _StopSignal:

@@ -147,6 +147,11 @@ def backfill(
         raise click.UsageError(
             "locally, --from DIR is required, because the local source bucket starts empty"
         )
+    if prefix and not prefix.endswith("/"):
+        # The files of --from go under PREFIX as a folder: 'pics' + 'a.jpg' must not become
+        # 'picsa.jpg'.
+        prefix += "/"
+        console.print(f"uploading the files of --from under {escape(printable(prefix))}")
     document = _backfill_local(console, prefix, from_dir, max_concurrency, detector, out)
     counts = ", ".join(
         f"{count} {status.lower()}" for status, count in sorted(document["counts"].items())
@@ -165,6 +170,7 @@ def _backfill_local(
     console: Console, prefix: str, from_dir: Path, max_concurrency: int, detector: str, out: Path
 ) -> dict:
     from workflow.backfill import backfill_local, upload_folder
+    from workflow.batch import describe_left_out
     from workflow.engine import EngineConfig, LocalEngine
 
     # moto logs each caught task failure with the whole state; the results file has the error.
@@ -180,9 +186,13 @@ def _backfill_local(
 
     try:
         # Recorded like `labelmark run`, so `labelmark show` and `replay` find these runs.
-        recorder = Recorder(ExecutionStore())
+        store = ExecutionStore()
+        recorder = Recorder(store)
         with LocalEngine(EngineConfig(detector=detector), recorder=recorder) as engine:
-            upload_folder(engine, from_dir, prefix, skip=out)
+            left_out: list[Path] = []
+            upload_folder(engine, from_dir, prefix, skip=[out, store.state_dir], left_out=left_out)
+            if left_out:
+                console.print(escape(describe_left_out(left_out)))
             document = backfill_local(
                 engine, prefix, max_concurrency=max_concurrency, on_result=report, out_dir=out
             )
