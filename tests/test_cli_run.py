@@ -355,6 +355,24 @@ def test_run_input_inside_output_folder_named(tmp_path: Path) -> None:
     assert "is inside the output folder" in result.output
 
 
+def test_replay_writes_to_run_output_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a run that failed while writing to its own --out folder
+    _, out, failed = _run_failing_on_pixel_limit(tmp_path, monkeypatch, "mine.jpg")
+    monkeypatch.chdir(tmp_path)
+
+    # WHEN the failed runs are replayed without --out
+    replayed = CliRunner().invoke(main, ["replay", "--failed"])
+
+    # THEN the result goes to the run's folder, whose failure record is gone, not to ./processed
+    assert failed.exit_code == 1
+    assert replayed.exit_code == 0, replayed.output
+    assert (out / "watermarked-photos" / "mine.jpg").is_file()
+    assert list((out / "labelmark-failures").glob("*.json")) == []
+    assert not (tmp_path / "processed").exists()
+
+
 def test_run_rejects_invalid_function_setting_before_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

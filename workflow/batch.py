@@ -273,7 +273,12 @@ def _release_execution(engine: LocalEngine, result: RunResult) -> None:
 
 
 def write_outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Path) -> ImageOutcome:
-    """Write a finished run's image, sidecar or failure record to OUT_DIR and describe it."""
+    """Write a finished run's image, sidecar or failure record to OUT_DIR and describe it.
+
+    With a recorder, OUT_DIR is stored with the run, so that a replay writes to it as well.
+    """
+    if engine.recorder is not None:
+        engine.recorder.store.set_output_folder(result.name, out_dir)
     if result.status == "SUCCEEDED" and result.skipped_reason:
         return ImageOutcome(key, "SKIPPED", result.name, reason=result.skipped_reason)
 
@@ -326,11 +331,12 @@ def remove_failure_record(execution: str, out_dir: Path) -> None:
 def remove_replaced_failure_records(
     store: ExecutionStore, out_dir: Path, finished: Iterable[str]
 ) -> None:
-    """Delete from OUT_DIR the failure records of earlier uploads of the keys FINISHED ran.
+    """Delete the failure records of earlier uploads of the keys that the runs FINISHED ran.
 
-    FINISHED names runs that ended (replays included). When a key is uploaded again with new
-    content, the runs of its earlier content failed on bytes the key no longer holds: `replay
-    --failed` leaves them out, so their records would only point at work that is not left to do.
+    FINISHED names runs that ended, replays included. When a key is uploaded again with new
+    content, the runs of its earlier content failed on bytes that the key no longer contains.
+    `replay --failed` leaves those runs out, so their records would point at work that is not
+    left to do. They are deleted from OUT_DIR and from the folder each earlier run wrote to.
     """
     for name in finished:
         first = store.get(store.root_of(name))
@@ -340,6 +346,10 @@ def remove_replaced_failure_records(
             if earlier.started < first.started:
                 for attempt in store.attempts(earlier.name):
                     remove_failure_record(attempt.name, out_dir)
+                    # An earlier run may have written its record to another folder.
+                    recorded = store.output_folder(attempt.name)
+                    if recorded is not None:
+                        remove_failure_record(attempt.name, recorded)
 
 
 def _read(engine: LocalEngine, bucket: str, key: str) -> bytes:

@@ -390,7 +390,8 @@ def _execution_arn(state_machine_arn: str, name: str) -> str:
 )
 @out_dir_option(
     "Locally: folder that receives each replay's image and .labels.json file, or its "
-    "failure record, as 'labelmark run' writes them."
+    "failure record, as 'labelmark run' writes them. Without --out, each replay writes to "
+    "the folder its run wrote to, and runs recorded without one write here."
 )
 @_state_dir_option
 @_cloud_options
@@ -434,7 +435,13 @@ def replay(
         if not targets:
             console.print("no failed executions to replay")
             return
-        ok = _replay_local(console, store, targets, dry_run, out_dir, listed=all_failed)
+        # LABELMARK_OUT is a standing default, like the built-in one, so only --out wins over
+        # the folder each run wrote to.
+        source = click.get_current_context().get_parameter_source("out_dir")
+        out_given = source == click.core.ParameterSource.COMMANDLINE
+        ok = _replay_local(
+            console, store, targets, dry_run, out_dir, listed=all_failed, out_given=out_given
+        )
     if not ok:
         sys.exit(1)
 
@@ -447,11 +454,13 @@ def _replay_local(
     out_dir: Path,
     *,
     listed: bool,
+    out_given: bool = True,
 ) -> bool:
     """Replay NAMES on local engines; return whether every replay succeeded.
 
     LISTED means NAMES came from `replay_candidates`. A run that another command replays after
-    the listing is then skipped rather than reported as an error.
+    the listing is then skipped rather than reported as an error. Unless OUT_GIVEN, a replay
+    writes to the folder its run wrote to, and OUT_DIR is used for runs stored without one.
     """
     from workflow.engine import EngineConfig, LocalEngine
     from workflow.replay import (
@@ -508,12 +517,16 @@ def _replay_local(
                     write_outcome,
                 )
 
-                outcome = write_outcome(engine, plan.original.source_key or "", result, out_dir)
+                recorded = store.output_folder(plan.original.name)
+                folder = out_dir if out_given or recorded is None else recorded
+                outcome = write_outcome(engine, plan.original.source_key or "", result, folder)
                 if outcome.status == "SUCCEEDED":
                     # The failed runs this replay repairs no longer describe the upload.
                     for failed in filter(None, (plan.original.name, plan.original.replay_of)):
-                        remove_failure_record(failed, out_dir)
-                remove_replaced_failure_records(store, out_dir, [plan.name])
+                        remove_failure_record(failed, folder)
+                        if recorded is not None:
+                            remove_failure_record(failed, recorded)
+                remove_replaced_failure_records(store, folder, [plan.name])
                 written = outcome.output_file or outcome.failure_file
                 console.print(
                     f"replayed {_console_text(plan.describe())}: {_status(result.status)}"

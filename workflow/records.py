@@ -95,6 +95,11 @@ CREATE TABLE IF NOT EXISTS replay_claims (
     claimed REAL NOT NULL,
     owner_pid INTEGER NOT NULL
 );
+-- The folder each run's image or failure record was written to, so a replay writes there too.
+CREATE TABLE IF NOT EXISTS output_folders (
+    execution TEXT PRIMARY KEY,
+    folder TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS uploads (
     bucket TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -476,6 +481,22 @@ class ExecutionStore:
         with self._lock:
             rows = self._connection.execute(query, parameters).fetchall()
         return [_record(row) for row in rows]
+
+    def set_output_folder(self, execution: str, folder: Path) -> None:
+        """Store FOLDER (made absolute) as the folder EXECUTION's results were written to."""
+        with self._transaction() as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO output_folders (execution, folder) VALUES (?, ?)",
+                (execution, str(folder.resolve())),
+            )
+
+    def output_folder(self, execution: str) -> Path | None:
+        """Return the folder EXECUTION's results were written to, or None if none was stored."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT folder FROM output_folders WHERE execution = ?", (execution,)
+            ).fetchone()
+        return None if row is None else Path(row["folder"])
 
     # From here on, `list` in this class body names the method above, hence `builtins.list`.
     def first_attempts_of(self, bucket: str, key: str) -> builtins.list[ExecutionRecord]:
