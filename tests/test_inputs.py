@@ -257,6 +257,28 @@ def test_private_metadata_dropped_by_default(shared_engine: LocalEngine) -> None
     assert 0x829A in exif.get_ifd(0x8769)
 
 
+@pytest.mark.parametrize("pages", [1, 2])
+def test_private_metadata_dropped_from_tiff(shared_engine: LocalEngine, pages: int) -> None:
+    # Pillow's TIFF writer copies every tag of a frame read from a TIFF file.
+    key = f"exif/private-{pages}.tif"
+    extra = [_RGB.copy() for _ in range(pages - 1)]
+    data = encode(
+        _RGB, "TIFF", exif=_camera_exif(), dpi=(300, 300), save_all=True, append_images=extra
+    )
+    process(shared_engine, key, data)
+
+    published = published_image(shared_engine, key)
+    for page in range(pages):
+        published.seek(page)
+        tags = published.tag_v2  # type: ignore[attr-defined]
+        assert 0x010F not in tags
+        assert 0x0110 not in tags
+        assert 0x8825 not in tags
+    published.seek(0)
+    assert published.tag_v2.get(0x0131) == "labelmark-test"  # type: ignore[attr-defined]
+    assert published.info.get("dpi") == (300, 300)
+
+
 @pytest.fixture
 def keeping_engine() -> Iterator[LocalEngine]:
     config = EngineConfig(

@@ -49,8 +49,11 @@ _PRIVATE_EXIF_TAGS = (
 )  # MakerNote, owner, serials, lens
 
 # Tags a TIFF's first IFD may carry about the picture rather than its encoding: description,
-# Make, Model, Orientation, Software, DateTime, Artist, Copyright.
-_TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0112, 0x0131, 0x0132, 0x013B, 0x8298)
+# Make, Model, Orientation, XResolution, YResolution, ResolutionUnit, Software, DateTime, Artist,
+# Copyright.
+_TIFF_DESCRIPTIVE_TAGS = (
+    0x010E, 0x010F, 0x0110, 0x0112, 0x011A, 0x011B, 0x0128, 0x0131, 0x0132, 0x013B, 0x8298,
+)  # fmt: skip
 
 _BLACK: dict[str, int | tuple[int, ...]] = {
     "RGB": (0, 0, 0),
@@ -162,6 +165,10 @@ def render(
         image, keep_private=options.keep_private_metadata, tiff=output_format == "TIFF"
     )
 
+    if output_format == "TIFF":
+        # Pillow's TIFF writer copies every tag of a frame read from a TIFF file (camera make,
+        # model, the GPS pointer, XMP) whatever `exif` holds, so it gets a copy without them.
+        frames = [frame.copy() if hasattr(frame, "tag_v2") else frame for frame in frames]
     first = frames[0]
     save_args = _save_arguments(image, first, output_format, options, icc_profile, exif)
     if len(frames) > 1:
