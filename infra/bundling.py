@@ -34,15 +34,24 @@ FUNCTIONS_DIR = REPO_ROOT / "functions"
 
 # Exact versions keep a deployed bundle reproducible. Raise them together with the lower
 # bounds in pyproject.toml.
+# simplejpeg (with numpy, which it needs) checks JPEGs whose last row is flat grey for data that
+# ends early; see functions/common/imaging.py.
+_IMAGE_DEPENDENCIES = (
+    "aws-lambda-powertools==3.37.0",
+    "pillow==13.0.0",
+    "pillow-heif==1.9.0",
+    "simplejpeg==1.9.0",
+    "numpy==2.4.6",
+)
 FUNCTION_DEPENDENCIES: dict[str, tuple[str, ...]] = {
-    "detect": ("aws-lambda-powertools==3.37.0", "pillow==13.0.0", "pillow-heif==1.9.0"),
-    "watermark": ("aws-lambda-powertools==3.37.0", "pillow==13.0.0", "pillow-heif==1.9.0"),
+    "detect": _IMAGE_DEPENDENCIES,
+    "watermark": _IMAGE_DEPENDENCIES,
     "store": ("aws-lambda-powertools==3.37.0",),
 }
-# Only the detect function runs the model, and only with detectorBackend=local. These two add
-# about 136 MB, which would come close to Lambda's 250 MB limit for unzipped code if always
-# bundled.
-LOCAL_BACKEND_DEPENDENCIES: tuple[str, ...] = ("onnxruntime==1.32.0", "numpy==2.4.6")
+# Only the detect function runs the model, and only with detectorBackend=local. onnxruntime and
+# numpy added about 136 MB, close to Lambda's 250 MB limit for unzipped code. numpy is now in
+# every image function's bundle, because simplejpeg needs it.
+LOCAL_BACKEND_DEPENDENCIES: tuple[str, ...] = ("onnxruntime==1.32.0",)
 
 # The python3.12 Lambda runtime runs on Amazon Linux 2023 with glibc 2.34, so wheels built for
 # manylinux_2_28 run there as well as manylinux2014 (glibc 2.17) ones.

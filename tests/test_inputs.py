@@ -407,6 +407,14 @@ REJECT_CASES = [
         "CorruptImageError",
         ["truncated", "JPEG"],
     ),
+    # truncated JPEG given back its end marker: libjpeg would decode the rest as flat grey
+    (
+        "bad/cut-with-end.jpg",
+        _truncated(encode(_NOISE, "JPEG")) + b"\xff\xd9",
+        "Detect",
+        "CorruptImageError",
+        ["truncated", "JPEG", "flat grey"],
+    ),
     # truncated PNG
     (
         "bad/cut.png",
@@ -454,6 +462,16 @@ def test_broken_input_rejected_with_record(
     for word in words:
         assert word in message
     assert f"watermarked-{key}" not in shared_engine.list_keys("labelmark-processed")
+
+
+def test_jpeg_with_flat_grey_bottom_published(shared_engine: LocalEngine) -> None:
+    # A whole JPEG whose last rows are the grey of an empty block is not taken for a cut one.
+    picture = _NOISE.copy()
+    picture.paste((128, 128, 128), (0, picture.height - 32, picture.width, picture.height))
+
+    result = process(shared_engine, "grey/border.jpg", encode(picture, "JPEG", quality=95))
+
+    assert result.status == "SUCCEEDED", result.cause
 
 
 def test_bomb_rejected_before_decoding(

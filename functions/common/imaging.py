@@ -108,13 +108,51 @@ def open_image(data: bytes, key: str, limits: ImageLimits) -> Image.Image:
     return image
 
 
-def load_pixels(image: Image.Image, key: str) -> None:
-    """Decode IMAGE fully, so that a truncated or damaged file fails here and is never published."""
+def load_pixels(image: Image.Image, key: str, data: bytes | None = None) -> None:
+    """Decode IMAGE fully, so that a truncated or damaged file fails here and is never published.
+
+    DATA is the encoded bytes IMAGE was opened from. With it, a JPEG whose data ends early is
+    found too (see `_check_jpeg_data`).
+    """
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
         raise CorruptImageError(
             f"cannot decode '{key}': the {image.format} data is truncated or damaged ({exc})"
+        ) from exc
+    if data is not None and image.format in ("JPEG", "MPO") and _last_row_is_fill(image):
+        _check_jpeg_data(image, data, key)
+
+
+# The sample value libjpeg decodes from blocks whose DCT coefficients are all zero.
+_JPEG_FILL = 128
+
+
+def _last_row_is_fill(image: Image.Image) -> bool:
+    """Return True when every sample of IMAGE's last row has the value of an empty JPEG block."""
+    row = image.crop((0, image.height - 1, image.width, image.height))
+    extrema = row.getextrema()
+    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+    return all(band == (_JPEG_FILL, _JPEG_FILL) for band in bands)
+
+
+def _check_jpeg_data(image: Image.Image, data: bytes, key: str) -> None:
+    """Raise CorruptImageError when the JPEG DATA of IMAGE ends before its last block.
+
+    libjpeg reports data that ends early (a file cut short and given back its end marker) as a
+    warning, decodes every block after the cut as an empty one, and Pillow 13 does not pass the
+    warning on. Such a picture ends in flat grey rows, so only pictures whose last row is flat
+    grey are decoded once more by simplejpeg (libjpeg-turbo), whose strict mode raises on it.
+    """
+    import simplejpeg
+
+    colorspace = {"CMYK": "CMYK", "L": "GRAY"}.get(image.mode, "RGB")
+    try:
+        simplejpeg.decode_jpeg(data, colorspace=colorspace, min_factor=8, strict=True)
+    except ValueError as exc:
+        raise CorruptImageError(
+            f"cannot decode '{key}': the JPEG data is truncated or damaged ({exc}), so the "
+            "rest of the picture would be flat grey"
         ) from exc
 
 

@@ -32,7 +32,7 @@ def detect(source: SourceObject, settings: DetectSettings) -> dict[str, Any]:
     data, source = read_source(source, max_bytes=settings.max_bytes)
     image = open_image(data, source.key, ImageLimits(settings.max_pixels, settings.max_bytes))
 
-    raw_labels = _backend_labels(source, image, settings)
+    raw_labels = _backend_labels(source, image, data, settings)
     labels = trim_labels(
         raw_labels,
         max_labels=settings.max_labels,
@@ -43,7 +43,7 @@ def detect(source: SourceObject, settings: DetectSettings) -> dict[str, Any]:
 
 
 def _backend_labels(
-    source: SourceObject, image: Image.Image, settings: DetectSettings
+    source: SourceObject, image: Image.Image, data: bytes, settings: DetectSettings
 ) -> list[dict[str, Any]]:
     # Ask the backend for more than MAX_LABELS, so that excluded labels leave room for others.
     wanted = settings.max_labels + len(settings.excluded_labels)
@@ -53,6 +53,7 @@ def _backend_labels(
         return rekognition.detect_labels(
             source,
             image,
+            data,
             max_labels=wanted,
             min_confidence=settings.min_confidence,
             read_from_s3=settings.rekognition_source == "s3",
@@ -62,7 +63,7 @@ def _backend_labels(
     from functions.detect import local_model
 
     local_model.draft_for_model(image)
-    load_pixels(image, source.key)
+    load_pixels(image, source.key, data)
     upright = _upright(image)
     return local_model.detect_labels(
         upright, max_labels=wanted, min_confidence=settings.min_confidence

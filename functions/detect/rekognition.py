@@ -64,13 +64,17 @@ def fitted_jpeg(image: Image.Image) -> bytes:
 def detect_labels(
     source: SourceObject,
     image: Image.Image,
+    data: bytes | None = None,
     *,
     max_labels: int,
     min_confidence: float,
     read_from_s3: bool,
     rekognition: Any = None,
 ) -> list[dict[str, Any]]:
-    """Return Rekognition's labels for IMAGE, letting it read SOURCE from S3 when allowed."""
+    """Return Rekognition's labels for IMAGE, letting it read SOURCE from S3 when allowed.
+
+    DATA, the bytes IMAGE was opened from, is passed to `load_pixels` when IMAGE is decoded.
+    """
     rekognition = rekognition or client("rekognition")
     if read_from_s3 and fits_rekognition(image, source.size or 0):
         s3_object: dict[str, str] = {"Bucket": source.bucket, "Name": source.key}
@@ -79,7 +83,7 @@ def detect_labels(
         request_image: dict[str, Any] = {"S3Object": s3_object}
     else:
         # Decoding for the copy is where a truncated file shows; report it as corrupt, not OSError.
-        load_pixels(image, source.key)
+        load_pixels(image, source.key, data)
         request_image = {"Bytes": fitted_jpeg(image)}
 
     try:

@@ -35,7 +35,7 @@ def watermark(
     check_buckets_differ(source.bucket, settings.processed_bucket)
     data, source = read_source(source, max_bytes=settings.max_bytes)
     image = open_image(data, source.key, ImageLimits(settings.max_pixels, settings.max_bytes))
-    load_pixels(image, source.key)
+    load_pixels(image, source.key, data)
 
     text = watermark_text(headline_names(labels, settings.label_count), settings.label_count)
     options = RenderOptions(
