@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -386,3 +387,41 @@ def test_run_rejects_invalid_function_setting_before_work(
     assert result.exit_code == 2
     assert "JPEG_QUALITY=500 is above the maximum of 100" in result.output
     assert not out.exists()
+
+
+def test_run_one_missing_file_fails_alone(tmp_path: Path) -> None:
+    # GIVEN a photo deleted after the batch was listed WHEN its turn comes THEN it fails with the
+    # reason, and the engine goes on with the next photo
+    from workflow.batch import InputFile, run_one
+    from workflow.engine import EngineConfig, LocalEngine
+
+    present = tmp_path / "present.jpg"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(present)
+    config = EngineConfig(detector="rekognition", real_rekognition=False)
+    with LocalEngine(config) as engine:
+        missing = run_one(engine, InputFile(tmp_path / "gone.jpg", "gone.jpg"), tmp_path / "out")
+        found = run_one(engine, InputFile(present, "present.jpg"), tmp_path / "out")
+
+    assert missing.status == "FAILED"
+    assert missing.execution == ""
+    assert "cannot read" in missing.reason
+    assert "No such file or directory" in missing.reason
+    assert found.status == "SUCCEEDED"
+
+
+def test_run_leaves_out_names_not_utf8(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(photos / "good.jpg")
+    bad = photos / os.fsdecode(b"b\xff.jpg")
+    Image.new("RGB", (64, 48), (40, 40, 200)).save(bad, format="JPEG")
+    out = tmp_path / "out"
+
+    folder_run = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+    named_run = CliRunner().invoke(main, ["run", str(bad), "--out", str(out)])
+
+    assert folder_run.exit_code == 0, folder_run.output
+    assert "left out 1 file(s) whose names are not valid UTF-8" in folder_run.output
+    assert "1 image " in folder_run.output
+    assert named_run.exit_code == 2
+    assert "not valid UTF-8" in named_run.output

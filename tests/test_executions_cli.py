@@ -228,6 +228,8 @@ def test_replay_failed_resumes_and_exits_zero(tmp_path: Path) -> None:
         ("a\tb\nc\rd", "a\\tb\\nc\\rd"),
         # printable non-ASCII text and backslashes stay as they are
         ("caf\u00e9 \u00a0 \\x", "caf\u00e9 \u00a0 \\x"),
+        # a file name byte that is not UTF-8, as Python decodes it, and other lone surrogates
+        ("b\udcff.jpg \ud800\udfff", "b\\xff.jpg \\ud800\\udfff"),
     ],
 )
 def test_printable_escapes_control_characters(text: str, expected: str) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "InputError",
     "InputFile",
     "collect_inputs",
+    "describe_invalid_names",
     "describe_left_out",
     "folder_photos",
     "remove_failure_record",
@@ -85,12 +86,17 @@ NOT_PHOTO_SUFFIXES = frozenset(
 
 
 def folder_photos(
-    folder: Path, *, skip: Iterable[Path] = (), left_out: list[Path] | None = None
+    folder: Path,
+    *,
+    skip: Iterable[Path] = (),
+    left_out: list[Path] | None = None,
+    invalid_names: list[Path] | None = None,
 ) -> Iterator[tuple[Path, str]]:
     """Yield each photo file under FOLDER with its path relative to FOLDER, sorted by path.
 
     Hidden files and folders (starting with `.`) and everything in the SKIP folders are left
-    out. Files whose suffix is in NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT.
+    out. Files whose suffix is in NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT, and
+    files whose path is not valid UTF-8, which an S3 key must be, are added to INVALID_NAMES.
     """
     skipped = list(skip)
     for file in sorted(folder.rglob("*")):
@@ -99,11 +105,34 @@ def folder_photos(
             continue
         if is_inside(file, skipped):
             continue
+        if not _is_utf8(relative.as_posix()):
+            if invalid_names is not None:
+                invalid_names.append(file)
+            continue
         if file.suffix.lower() in NOT_PHOTO_SUFFIXES:
             if left_out is not None:
                 left_out.append(file)
             continue
         yield file, relative.as_posix()
+
+
+def _is_utf8(text: str) -> bool:
+    # Python decodes file name bytes that are not UTF-8 to lone surrogates, which cannot encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def describe_invalid_names(invalid_names: list[Path]) -> str:
+    """Return a line naming the files left out because their names are not valid UTF-8."""
+    names = ", ".join(f"'{printable(str(path))}'" for path in invalid_names[:5])
+    more = f" and {len(invalid_names) - 5} more" if len(invalid_names) > 5 else ""
+    return (
+        f"left out {len(invalid_names)} file(s) whose names are not valid UTF-8, which S3 keys "
+        f"must be: {names}{more}; rename them to run them"
+    )
 
 
 def describe_left_out(left_out: list[Path]) -> str:
@@ -118,7 +147,11 @@ def describe_left_out(left_out: list[Path]) -> str:
 
 
 def collect_inputs(
-    paths: Iterable[Path], *, skip: Iterable[Path] = (), left_out: list[Path] | None = None
+    paths: Iterable[Path],
+    *,
+    skip: Iterable[Path] = (),
+    left_out: list[Path] | None = None,
+    invalid_names: list[Path] | None = None,
 ) -> list[InputFile]:
     """Return every file under PATHS with its key: a folder's files keep their relative paths.
 
@@ -127,7 +160,8 @@ def collect_inputs(
     (the output and state folders), even when named in PATHS, so that a run never takes its own
     or an earlier run's results for new photos. A folder's files whose suffix is in
     NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT; a file named in PATHS always runs.
-    Two inputs that map to one key are an error.
+    A folder's files whose names are not valid UTF-8 are added to INVALID_NAMES, and such a
+    file named in PATHS is an error, as are two inputs that map to one key.
     """
     skipped = list(skip)
     inputs: list[InputFile] = []
@@ -138,9 +172,17 @@ def collect_inputs(
             continue
         if path.is_dir():
             base = path.resolve().name or "root"
-            for file, relative in folder_photos(path, skip=skipped, left_out=left_out):
+            photos = folder_photos(
+                path, skip=skipped, left_out=left_out, invalid_names=invalid_names
+            )
+            for file, relative in photos:
                 inputs.append(InputFile(file, f"{base}/{relative}"))
         elif path.is_file():
+            if not _is_utf8(path.name):
+                raise InputError(
+                    f"input '{printable(str(path))}' has a name that is not valid UTF-8, which "
+                    "S3 keys must be; rename it"
+                )
             inputs.append(InputFile(path, path.name))
         else:
             raise InputError(f"input '{path}' is neither a file nor a folder")
@@ -238,7 +280,13 @@ def _run_in_process(
 def run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome:
     """Upload ITEM, run its execution, write its results to OUT_DIR and free its memory."""
     started = time.perf_counter()
-    event = engine.upload(item.key, item.path.read_bytes())
+    try:
+        body = item.path.read_bytes()
+    except OSError as exc:
+        # Deleted or made unreadable after the batch was listed: this image fails, not the batch.
+        reason = f"cannot read '{printable(str(item.path))}': {exc.strerror or exc}"
+        return ImageOutcome(item.key, "FAILED", "", reason=reason)
+    event = engine.upload(item.key, body)
     result = engine.run(event)
     outcome = write_outcome(engine, item.key, result, out_dir)
     _release_objects(engine, item.key, result)

@@ -117,7 +117,10 @@ def run(
     own_folders = {"output": out_dir, "state": state_dir or default_state_dir()}
     try:
         left_out: list[Path] = []
-        inputs = collect_inputs(paths, skip=own_folders.values(), left_out=left_out)
+        invalid_names: list[Path] = []
+        inputs = collect_inputs(
+            paths, skip=own_folders.values(), left_out=left_out, invalid_names=invalid_names
+        )
     except InputError as exc:
         raise click.UsageError(str(exc)) from exc
     if left_out:
@@ -125,6 +128,8 @@ def run(
             f"{escape(batch.describe_left_out(left_out))}; name a file to run it anyway",
             soft_wrap=True,
         )
+    if invalid_names:
+        console.print(escape(batch.describe_invalid_names(invalid_names)), soft_wrap=True)
     if not inputs:
         raise click.UsageError(_no_photos_message(paths, own_folders))
 
@@ -293,13 +298,15 @@ def _outcome_line(outcome: ImageOutcome) -> str:
         return escape(printable(str(text)))
 
     head = f"[{style}]{outcome.status:<9}[/{style}] {safe(outcome.key)}"
+    # An image that failed before its execution started (its file could not be read) has none.
+    execution = f"  ({outcome.execution})" if outcome.execution else ""
     if outcome.status == "SUCCEEDED":
         labels = ", ".join(outcome.labels[:3]) or "no labels"
-        return f"{head}  [bold]{safe(labels)}[/bold]  -> {safe(outcome.output_file)}  ({outcome.execution})"
+        return f"{head}  [bold]{safe(labels)}[/bold]  -> {safe(outcome.output_file)}{execution}"
     if outcome.status == "SKIPPED":
-        return f"{head}  {safe(outcome.reason)}  ({outcome.execution})"
+        return f"{head}  {safe(outcome.reason)}{execution}"
     record = f"  record: {safe(outcome.failure_file)}" if outcome.failure_file else ""
-    return f"{head}  {safe(outcome.reason)}{record}  ({outcome.execution})"
+    return f"{head}  {safe(outcome.reason)}{record}{execution}"
 
 
 def _print_summary(

@@ -170,7 +170,7 @@ def _backfill_local(
     console: Console, prefix: str, from_dir: Path, max_concurrency: int, detector: str, out: Path
 ) -> dict:
     from workflow.backfill import backfill_local, upload_folder
-    from workflow.batch import describe_left_out
+    from workflow.batch import describe_invalid_names, describe_left_out
     from workflow.engine import EngineConfig, LocalEngine
 
     # moto logs each caught task failure with the whole state; the results file has the error.
@@ -190,9 +190,19 @@ def _backfill_local(
         recorder = Recorder(store)
         with LocalEngine(EngineConfig(detector=detector), recorder=recorder) as engine:
             left_out: list[Path] = []
-            upload_folder(engine, from_dir, prefix, skip=[out, store.state_dir], left_out=left_out)
+            invalid_names: list[Path] = []
+            upload_folder(
+                engine,
+                from_dir,
+                prefix,
+                skip=[out, store.state_dir],
+                left_out=left_out,
+                invalid_names=invalid_names,
+            )
             if left_out:
                 console.print(escape(describe_left_out(left_out)))
+            if invalid_names:
+                console.print(escape(describe_invalid_names(invalid_names)))
             document = backfill_local(
                 engine, prefix, max_concurrency=max_concurrency, on_result=report, out_dir=out
             )
