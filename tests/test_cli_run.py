@@ -425,3 +425,29 @@ def test_run_leaves_out_names_not_utf8(tmp_path: Path) -> None:
     assert "1 image " in folder_run.output
     assert named_run.exit_code == 2
     assert "not valid UTF-8" in named_run.output
+
+
+@pytest.mark.parametrize(
+    ("workers", "images", "expected"),
+    [
+        # a batch that runs in worker processes: no more processes than cores
+        (64, 100, 2),
+        (2, 100, 2),
+        # a small batch runs on threads in one process, so any number is kept
+        (64, 10, 64),
+    ],
+)
+def test_workers_fit_usable_cores(
+    monkeypatch: pytest.MonkeyPatch, workers: int, images: int, expected: int
+) -> None:
+    from rich.console import Console
+
+    from workflow.cli import _fit_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    console = Console(record=True, width=200)
+
+    fitted = _fit_workers(console, workers, images)
+
+    assert fitted == expected
+    assert ("more than the 2 cores" in console.export_text()) == (fitted != workers)

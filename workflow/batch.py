@@ -198,9 +198,10 @@ def collect_inputs(
     return inputs
 
 
-# A worker process takes about 2 s to start (moto's imports and the model), against roughly 0.1 s
-# of work per image, so on 2 cores a second process pays off from about 20 images
-# (bench/RESULTS.md, "End to end").
+# A worker process took about 2 s to start (moto's imports and the model), against roughly 0.1 s
+# of work per image, so on 2 cores a second process paid off from about 20 images
+# (bench/RESULTS.md, "End to end"). NOTE: the start is now about 1 s (moto's Batch integration
+# is no longer imported), so smaller batches may pay off too; the threshold was not measured again.
 PROCESS_BATCH_MIN = 24
 
 

@@ -55,8 +55,8 @@ def main() -> None:
     envvar="LABELMARK_WORKERS",
     show_envvar=True,
     help="Executions running at the same time. With 2 or more and a batch of at least 24 "
-    "images, all but one run in worker processes, which take about 2 s each to start; smaller "
-    "batches run on threads in this process.",
+    "images, all but one run in worker processes, at most one per core, which take about 1 s "
+    "each to start; smaller batches run on threads in this process.",
 )
 @click.option(
     "--prefix",
@@ -132,6 +132,7 @@ def run(
         console.print(escape(batch.describe_invalid_names(invalid_names)), soft_wrap=True)
     if not inputs:
         raise click.UsageError(_no_photos_message(paths, own_folders))
+    workers = _fit_workers(console, workers, len(inputs))
 
     function_env = {"MAX_LABELS": str(max_labels)}
     if min_confidence is not None:
@@ -241,6 +242,26 @@ def _check_function_settings(config: EngineConfig) -> None:
         LocalEngine(config).check_function_settings()
     except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from exc
+
+
+def _fit_workers(console: Console, workers: int, images: int) -> int:
+    """Return WORKERS, capped at the usable cores when a batch of IMAGES runs in processes.
+
+    Each worker process holds its own engine and label model (about 350 MB), and the stages
+    are CPU-bound, so processes beyond the cores add memory and no speed.
+    """
+    if images < batch.PROCESS_BATCH_MIN:
+        return workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = max(1, cores or 1)
+    if workers <= cores:
+        return workers
+    console.print(
+        f"--workers {workers} is more than the {cores} cores this command may use; running "
+        f"{cores} at a time, one process per core",
+        soft_wrap=True,
+    )
+    return cores
 
 
 def _worker_pool(
