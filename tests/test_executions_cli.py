@@ -477,3 +477,28 @@ def test_missing_state_folder_is_reported_not_created(tmp_path: Path, command: l
     assert result.exit_code == 1
     assert f"state folder {missing} does not exist" in result.output
     assert not missing.exists()
+
+
+def test_executions_corrupt_database_error(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "executions.sqlite3").write_text("garbage", encoding="utf-8")
+
+    result = CliRunner().invoke(main, ["executions", "--state-dir", str(state)])
+
+    assert result.exit_code == 1
+    assert "cannot use the state folder" in result.output
+    assert "file is not a database" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("since", ["99999999999d", "9999999d"])
+def test_executions_since_too_far_rejected(tmp_path: Path, since: str) -> None:
+    (tmp_path / "state").mkdir()
+
+    result = CliRunner().invoke(
+        main, ["executions", "--since", since, "--state-dir", str(tmp_path / "state")]
+    )
+
+    assert result.exit_code == 2
+    assert "reaches back before the year 1" in result.output

@@ -32,7 +32,22 @@ __all__ = ["main"]
 _STATUS_STYLE = {"SUCCEEDED": "green", "SKIPPED": "yellow", "FAILED": "red"}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """The command group, which reports an unusable state folder as an error, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from workflow.records import StateFolderError
+
+        try:
+            return super().invoke(ctx)
+        except StateFolderError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(
+    cls=_Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(package_name="labelmark")
 def main() -> None:
     """Label, watermark and publish photos with the labelmark state machine.

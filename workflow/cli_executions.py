@@ -57,7 +57,16 @@ def parse_since(text: str | None) -> dt.datetime | None:
             f"{text!r} is not a duration; use a number and s, m, h, d or w, such as 1h or 2d",
             param_hint="'--since'",
         )
-    return dt.datetime.now(dt.UTC) - dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        return dt.datetime.now(dt.UTC) - dt.timedelta(
+            **{_UNITS[match.group(2)]: int(match.group(1))}
+        )
+    except (OverflowError, ValueError) as exc:
+        # timedelta holds at most 999,999,999 days, and a datetime starts at year 1.
+        raise click.BadParameter(
+            f"{text!r} reaches back before the year 1; use a shorter duration",
+            param_hint="'--since'",
+        ) from exc
 
 
 def _state_dir_option(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -38,6 +38,7 @@ __all__ = [
     "ExecutionRecord",
     "ExecutionStore",
     "Recorder",
+    "StateFolderError",
     "StateRun",
     "default_state_dir",
     "failed_task_state",
@@ -236,6 +237,10 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
+class StateFolderError(Exception):
+    """The state folder or its database cannot be used. The message names the folder and cause."""
+
+
 class ExecutionStore:
     """The SQLite database and blob folder under one state folder, safe to share between threads.
 
@@ -245,18 +250,31 @@ class ExecutionStore:
     """
 
     def __init__(self, state_dir: Path | str | None = None) -> None:
+        """Open (and create if needed) the state folder STATE_DIR and its database.
+
+        Raises StateFolderError when the folder cannot be created or the database cannot be
+        opened or is not an execution database.
+        """
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.objects_dir = self.state_dir / "objects"
         self.database_path = self.state_dir / "executions.sqlite3"
         self._lock = threading.RLock()
-        self._connection = sqlite3.connect(
-            self.database_path, check_same_thread=False, isolation_level=None, timeout=30.0
-        )
-        self._connection.row_factory = sqlite3.Row
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.execute("PRAGMA synchronous=NORMAL")
-        self._connection.executescript(_SCHEMA)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            if self.objects_dir.exists() and not self.objects_dir.is_dir():
+                raise NotADirectoryError(f"{self.objects_dir} is a file, not a folder")
+            self._connection = sqlite3.connect(
+                self.database_path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+            self._connection.row_factory = sqlite3.Row
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=NORMAL")
+            self._connection.executescript(_SCHEMA)
+        except (OSError, sqlite3.DatabaseError) as exc:
+            raise StateFolderError(
+                f"cannot use the state folder {self.state_dir}: {exc}. Move the folder away to "
+                "start new records, or pass --state-dir or set LABELMARK_STATE_DIR for another one"
+            ) from exc
 
     def close(self) -> None:
         """Close the database; the store cannot be used afterwards."""
