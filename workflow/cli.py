@@ -262,7 +262,7 @@ def _check_function_settings(config: EngineConfig) -> None:
 def _fit_workers(console: Console, workers: int, images: int) -> int:
     """Return WORKERS, capped at the usable cores when a batch of IMAGES runs in processes.
 
-    Each worker process holds its own engine and label model (about 350 MB), and the stages
+    Each worker process has its own engine and label model (about 350 MB), and the stages
     are CPU-bound, so processes beyond the cores add memory and no speed.
     """
     if images < batch.PROCESS_BATCH_MIN:

@@ -62,7 +62,7 @@ def parse_since(text: str | None) -> dt.datetime | None:
             **{_UNITS[match.group(2)]: int(match.group(1))}
         )
     except (OverflowError, ValueError) as exc:
-        # timedelta holds at most 999,999,999 days, and a datetime starts at year 1.
+        # A timedelta is at most 999,999,999 days long, and a datetime starts at year 1.
         raise click.BadParameter(
             f"{text!r} reaches back before the year 1; use a shorter duration",
             param_hint="'--since'",
