@@ -91,10 +91,14 @@ FORMAT_CASES = [
     ("tiff/pages.tif", _tiff_pages(), "TIFF", "RGB"),
     # HEIC from an iPhone
     ("heic/phone.heic", encode(_RGB, "HEIF"), "HEIF", "RGB"),
+    # AVIF, from newer phones and browsers
+    ("avif/phone.avif", encode(_RGB, "AVIF"), "AVIF", "RGB"),
     # Windows bitmap
     ("bmp/old.bmp", encode(_RGB, "BMP"), "BMP", "RGB"),
     # a PNG named .jpg: the content decides the format
     ("misnamed/really-png.jpg", encode(_RGB, "PNG"), "PNG", "RGB"),
+    # a PNG with bytes after its end, which decoders ignore
+    ("png/trailing.png", encode(_RGB, "PNG") + b"\0" * 100, "PNG", "RGB"),
 ]
 
 

@@ -30,7 +30,7 @@ SUPPORTED_FORMATS = {
     "HEIF": "HEIC",
     "AVIF": "AVIF",
 }
-_SUPPORTED_LIST = "JPEG, PNG, WebP, TIFF, GIF, BMP, HEIC"
+_SUPPORTED_LIST = "JPEG, PNG, WebP, TIFF, GIF, BMP, HEIC, AVIF"
 
 _heif_registered = False
 
@@ -162,10 +162,13 @@ def _check_complete(data: bytes, image_format: str | None, key: str) -> None:
     Pillow decodes the frames it finds, so an animation cut between two frames would otherwise be
     published with frames missing. A GIF ends with the trailer byte 0x3B and a PNG with its IEND
     chunk (a 4-byte length, `IEND`, a 4-byte checksum).
+    NOTE: a GIF with bytes after its trailer is taken for a truncated one.
     """
     if image_format == "GIF" and not data.rstrip(b"\x00").endswith(b"\x3b"):
         raise CorruptImageError(f"cannot read '{key}': the GIF has no trailer, so it is truncated")
-    if image_format == "PNG" and b"IEND" not in data[-64:]:
+    # The IEND chunk has no data, so its checksum is always AE 42 60 82. Some tools append bytes
+    # after it, which decoders ignore, so it is searched for anywhere, not only at the end.
+    if image_format == "PNG" and data.rfind(b"IEND\xae\x42\x60\x82") == -1:
         raise CorruptImageError(
             f"cannot read '{key}': the PNG has no IEND chunk, so it is truncated"
         )

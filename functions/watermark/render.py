@@ -82,6 +82,7 @@ _OUTPUT_FORMAT = {
     "TIFF": "TIFF",
     "BMP": "BMP",
     "HEIF": "HEIF",
+    "AVIF": "AVIF",
 }
 CONTENT_TYPES = {
     "JPEG": "image/jpeg",
@@ -91,6 +92,7 @@ CONTENT_TYPES = {
     "TIFF": "image/tiff",
     "BMP": "image/bmp",
     "HEIF": "image/heic",
+    "AVIF": "image/avif",
 }
 
 
@@ -418,7 +420,7 @@ def _save_arguments(
     args: dict[str, object] = {}
     if icc_profile:
         args["icc_profile"] = icc_profile
-    if exif and output_format in {"JPEG", "PNG", "WEBP", "TIFF", "HEIF"}:
+    if exif and output_format in {"JPEG", "PNG", "WEBP", "TIFF", "HEIF", "AVIF"}:
         args["exif"] = exif
 
     if output_format == "JPEG":
@@ -448,6 +450,6 @@ def _save_arguments(
         args["disposal"] = 2
     elif output_format == "TIFF":
         args["compression"] = "tiff_adobe_deflate"
-    elif output_format == "HEIF":
+    elif output_format in {"HEIF", "AVIF"}:
         args["quality"] = options.jpeg_quality
     return args
