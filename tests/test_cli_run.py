@@ -451,3 +451,28 @@ def test_workers_fit_usable_cores(
 
     assert fitted == expected
     assert ("more than the 2 cores" in console.export_text()) == (fitted != workers)
+
+
+def test_executions_status_skipped_and_show(tmp_path: Path) -> None:
+    # GIVEN a run of two photos and an empty file, which the pipeline skips
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("same-a.jpg", "same-b.jpg"):
+        Image.new("RGB", (64, 48), (200, 40, 40)).save(photos / name)
+    (photos / "empty.jpg").write_bytes(b"")
+    ran = CliRunner().invoke(main, ["run", str(photos), "--out", str(tmp_path / "out")])
+
+    skipped = CliRunner().invoke(main, ["executions", "--status", "skipped"])
+    succeeded = CliRunner().invoke(main, ["executions", "--status", "SUCCEEDED"])
+    shown = CliRunner().invoke(main, ["show", "empty.jpg-"])
+    ambiguous = CliRunner().invoke(main, ["show", "same-"])
+
+    assert ran.exit_code == 0, ran.output
+    assert "empty.jpg-" in skipped.output
+    assert "same-a.jpg-" not in skipped.output
+    assert "same-a.jpg-" in succeeded.output
+    assert "empty.jpg-" not in succeeded.output
+    assert shown.exit_code == 0, shown.output
+    assert "SKIPPED" in shown.output.splitlines()[0]
+    assert ambiguous.exit_code == 1
+    assert "2 executions start with 'same-'" in ambiguous.output

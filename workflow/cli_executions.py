@@ -34,7 +34,7 @@ from workflow.records import (
 
 __all__ = ["executions", "parse_since", "replay", "serve", "show"]
 
-_STATUSES = ["RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"]
+_STATUSES = ["RUNNING", "SUCCEEDED", "SKIPPED", "FAILED", "TIMED_OUT", "ABORTED"]
 _STATUS_STYLE = {
     "SUCCEEDED": "green",
     "SKIPPED": "yellow",
@@ -141,6 +141,17 @@ def _status(status: str) -> str:
     return f"[{style}]{status}[/{style}]"
 
 
+def _records_with_status(
+    store: ExecutionStore, status: str | None, since: dt.datetime | None
+) -> list[ExecutionRecord]:
+    """Return the records with STATUS as the table shows it: SKIPPED runs are not SUCCEEDED."""
+    if status is None or status.upper() not in ("SUCCEEDED", "SKIPPED"):
+        return store.list(status=status.upper() if status else None, since=since)
+    skipped = status.upper() == "SKIPPED"
+    succeeded = store.list(status="SUCCEEDED", since=since)
+    return [record for record in succeeded if (record.skipped_reason is not None) == skipped]
+
+
 def _record_status(record: ExecutionRecord) -> str:
     # Step Functions stores a skipped run as SUCCEEDED. The table shows SKIPPED, as
     # 'labelmark run' does.
@@ -181,6 +192,11 @@ def executions(
     if cloud:
         from workflow import cloud as aws
 
+        if status and status.upper() == "SKIPPED":
+            raise click.UsageError(
+                "--status SKIPPED is for local records: Step Functions records skipped runs "
+                "as SUCCEEDED"
+            )
         table = Table("Execution", "Status", "Started (UTC)", "Stopped (UTC)", "Redrives")
         for item in aws.list_executions(
             aws.client(), _require_arn(state_machine_arn), status=status, since=started_after
@@ -196,7 +212,7 @@ def executions(
         return
 
     with _open_store(state_dir) as store:
-        records = store.list(status=status, since=started_after)
+        records = _records_with_status(store, status, started_after)
     if not records:
         console.print(
             "no executions recorded"
@@ -205,9 +221,13 @@ def executions(
         )
         return
     table = Table("Execution", "Status", "Key", "Labels", "Started (UTC)", "Duration", "Replay of")
-    # `show` and `replay` need the whole name, so it wraps instead of being cut short.
+    # `show` and `replay` need the whole name, so the other columns wrap first, to leave it on
+    # one line where the width allows, and it folds instead of being cut short where it does not.
     table.columns[0].overflow = "fold"
     table.columns[0].no_wrap = False
+    table.columns[0].min_width = min(
+        max(len(printable(record.name)) for record in records), console.width // 2
+    )
     for record in records:
         table.add_row(
             _console_text(record.name),
@@ -300,7 +320,15 @@ def show(
         return
 
     with _open_store(state_dir) as store:
-        record = store.get(execution) or _by_prefix(store, execution)
+        record = store.get(execution)
+        matches = [] if record is not None else _by_prefix(store, execution)
+        if len(matches) > 1:
+            names = ", ".join(_console_text(match.name) for match in matches[:5])
+            raise click.ClickException(
+                f"{len(matches)} executions start with {execution!r}: {names}"
+                f"{', ...' if len(matches) > 5 else ''}. Give more of the name."
+            )
+        record = record or (matches[0] if matches else None)
         if record is None:
             raise click.ClickException(
                 f"no execution named {execution!r} in {store.state_dir}. "
@@ -311,15 +339,14 @@ def show(
     _print_states(console, state_runs(events), record.started)
 
 
-def _by_prefix(store: ExecutionStore, prefix: str) -> ExecutionRecord | None:
-    """Return the one execution whose name starts with PREFIX, or None when none or several do."""
-    matches = [record for record in store.list() if record.name.startswith(prefix)]
-    return matches[0] if len(matches) == 1 else None
+def _by_prefix(store: ExecutionStore, prefix: str) -> list[ExecutionRecord]:
+    """Return the executions whose names start with PREFIX, newest first."""
+    return [record for record in store.list() if record.name.startswith(prefix)]
 
 
 def _print_header(console: Console, record: ExecutionRecord) -> None:
     console.print(
-        f"[bold]{_console_text(record.name)}[/bold]  {_status(record.status)}  attempt {record.attempt}"
+        f"[bold]{_console_text(record.name)}[/bold]  {_record_status(record)}  attempt {record.attempt}"
     )
     if record.source_key:
         console.print(
