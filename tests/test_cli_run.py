@@ -476,3 +476,17 @@ def test_executions_status_skipped_and_show(tmp_path: Path) -> None:
     assert "SKIPPED" in shown.output.splitlines()[0]
     assert ambiguous.exit_code == 1
     assert "2 executions start with 'same-'" in ambiguous.output
+
+
+def test_run_file_over_size_limit_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (320, 240), (200, 40, 40)).save(photos / "big.jpg")
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(photos / "small.png")
+    monkeypatch.setenv("MAX_OBJECT_BYTES", "500")
+
+    result = CliRunner().invoke(main, ["run", str(photos), "--out", str(tmp_path / "out")])
+
+    assert result.exit_code == 1
+    assert "the limit is 500 bytes (MAX_OBJECT_BYTES), so it was not uploaded" in result.output
+    assert "1 succeeded" in result.output

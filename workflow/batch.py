@@ -282,6 +282,15 @@ def run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome
     """Upload ITEM, run its execution, write its results to OUT_DIR and free its memory."""
     started = time.perf_counter()
     try:
+        size = item.path.stat().st_size
+        if size > engine.max_object_bytes:
+            # Detect would reject it by its size without reading it. Reading it here, to upload
+            # it and keep a copy for replays, could take more memory than the machine has.
+            reason = (
+                f"'{printable(item.key)}' is {size:,} bytes, the limit is "
+                f"{engine.max_object_bytes:,} bytes (MAX_OBJECT_BYTES), so it was not uploaded"
+            )
+            return ImageOutcome(item.key, "FAILED", "", reason=reason)
         body = item.path.read_bytes()
     except OSError as exc:
         # Deleted or made unreadable after the batch was listed: this image fails, not the batch.

@@ -8,6 +8,7 @@ modules (see `workflow.dispatch`). No AWS account and no network are needed.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -277,6 +278,13 @@ class LocalEngine:
             etag,
             sequencer=f"{time.time_ns():X}",
         )
+
+    @functools.cached_property
+    def max_object_bytes(self) -> int:
+        """Return MAX_OBJECT_BYTES as the functions read it; call it while the engine runs."""
+        from functions.detect.settings import load_settings
+
+        return load_settings().max_bytes
 
     def start_execution(self, event: dict[str, Any], name: str | None = None) -> str:
         """Start one execution for EVENT and return its ARN.
