@@ -317,13 +317,19 @@ class _Collector:
         return any(worker != _PARENT for worker in self.running)
 
     def drain(self, results: Any) -> None:
-        """Handle the messages already queued, such as the end counts of workers that exited."""
+        """Handle the messages already queued, such as the end counts of workers that exited.
+
+        After Ctrl-C, a worker may have taken an image from the queue just before it was
+        emptied and reported it only after `finish_running` returned. Its outcome is counted
+        here, so the summary does not report a finished image as not started. Errors are left
+        out, because the batch is already ending.
+        """
         while True:
             try:
                 message = results.get(timeout=0.05)
             except queue.Empty:
                 return
-            if message[0] in ("ready", "exit"):
+            if message[0] in ("ready", "exit", "taken", "done"):
                 self._handle(message)
 
     def _handle(self, message: tuple[Any, ...]) -> None:
