@@ -490,3 +490,22 @@ def test_run_file_over_size_limit_not_read(tmp_path: Path, monkeypatch: pytest.M
     assert result.exit_code == 1
     assert "the limit is 500 bytes (MAX_OBJECT_BYTES), so it was not uploaded" in result.output
     assert "1 succeeded" in result.output
+
+
+def test_run_notes_result_replaced_by_other_photo(tmp_path: Path) -> None:
+    # GIVEN two folders of the same name whose photos share a name but not their content
+    out = tmp_path / "out"
+    for trip, colour in (("trip1", (200, 40, 40)), ("trip2", (40, 40, 200))):
+        (tmp_path / trip / "day").mkdir(parents=True)
+        Image.new("RGB", (64, 48), colour).save(tmp_path / trip / "day" / "x.jpg")
+
+    first = CliRunner().invoke(main, ["run", str(tmp_path / "trip1" / "day"), "--out", str(out)])
+    again = CliRunner().invoke(main, ["run", str(tmp_path / "trip1" / "day"), "--out", str(out)])
+    other = CliRunner().invoke(main, ["run", str(tmp_path / "trip2" / "day"), "--out", str(out)])
+
+    # THEN the run of the other photo says that it replaced a result, and a rerun does not
+    note = "replaced the result of other content with this name"
+    assert first.exit_code == 0, first.output
+    assert note not in first.output
+    assert note not in again.output
+    assert note in other.output

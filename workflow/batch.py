@@ -71,7 +71,7 @@ class ImageOutcome:
     labels: list[str] = field(default_factory=list)
     output_file: Path | None = None
     failure_file: Path | None = None
-    reason: str = ""
+    reason: str = ""  # why it failed or was skipped; for a success, a note such as a replacement
     seconds: float = 0.0
 
 
@@ -344,13 +344,36 @@ def write_outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Pat
         output = (result.output or {})["store"]["output"]
         image = _read(engine, output["bucket"], output["key"])
         sidecar = _read(engine, output["bucket"], output["sidecarKey"])
+        document = json.loads(sidecar)
+        replaced = _replaces_other_content(out_dir, output["sidecarKey"], document)
         image_file = write_object(out_dir, output["key"], image)
         write_object(out_dir, output["sidecarKey"], sidecar)
         remove_failure_record(result.name, out_dir)
-        labels = headline_names(json.loads(sidecar)["labels"], count=3)
-        return ImageOutcome(key, "SUCCEEDED", result.name, labels=labels, output_file=image_file)
+        labels = headline_names(document["labels"], count=3)
+        return ImageOutcome(
+            key,
+            "SUCCEEDED",
+            result.name,
+            labels=labels,
+            output_file=image_file,
+            reason="replaced the result of other content with this name" if replaced else "",
+        )
 
     return _failed_outcome(engine, key, result, out_dir)
+
+
+def _replaces_other_content(out_dir: Path, sidecar_key: str, document: dict[str, Any]) -> bool:
+    """Return whether OUT_DIR has a result of this key made from content other than DOCUMENT's.
+
+    Two folders with the same name (two phones' `DCIM/100APPLE/`, say) give their photos the
+    same keys, so the second run replaces the first one's results, as S3 replaces an object.
+    """
+    try:
+        earlier = json.loads(key_to_path(out_dir, sidecar_key).read_bytes())
+        earlier_etag = earlier["source"]["etag"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(earlier_etag != document["source"].get("etag"))
 
 
 def _failed_outcome(

@@ -338,7 +338,10 @@ def _outcome_line(outcome: ImageOutcome) -> str:
     execution = f"  ({outcome.execution})" if outcome.execution else ""
     if outcome.status == "SUCCEEDED":
         labels = ", ".join(outcome.labels[:3]) or "no labels"
-        return f"{head}  [bold]{safe(labels)}[/bold]  -> {safe(outcome.output_file)}{execution}"
+        note = f"  [yellow]({safe(outcome.reason)})[/yellow]" if outcome.reason else ""
+        return (
+            f"{head}  [bold]{safe(labels)}[/bold]  -> {safe(outcome.output_file)}{note}{execution}"
+        )
     if outcome.status == "SKIPPED":
         return f"{head}  {safe(outcome.reason)}{execution}"
     record = f"  record: {safe(outcome.failure_file)}" if outcome.failure_file else ""
