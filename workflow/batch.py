@@ -198,11 +198,10 @@ def collect_inputs(
     return inputs
 
 
-# A worker process took about 2 s to start (moto's imports and the model), against roughly 0.1 s
-# of work per image, so on 2 cores a second process paid off from about 20 images
-# (bench/RESULTS.md, "End to end"). NOTE: the start is now about 1 s (moto's Batch integration
-# is no longer imported), so smaller batches may pay off too; the threshold was not measured again.
-PROCESS_BATCH_MIN = 24
+# A worker process takes about 1 s to start (moto's imports and the model) and starts while this
+# process starts its engine. On 2 cores, with 8 to 12 MP photos, two processes ran as fast as two
+# threads at 6 to 12 images and 1.12x as fast at 18 (bench/RESULTS.md, "End to end").
+PROCESS_BATCH_MIN = 12
 
 
 def run_batch(

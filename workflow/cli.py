@@ -69,7 +69,7 @@ def main() -> None:
     show_default="number of cores, at most 4",
     envvar="LABELMARK_WORKERS",
     show_envvar=True,
-    help="Executions running at the same time. With 2 or more and a batch of at least 24 "
+    help="Executions running at the same time. With 2 or more and a batch of at least 12 "
     "images, all but one run in worker processes, at most one per core, which take about 1 s "
     "each to start; smaller batches run on threads in this process.",
 )
