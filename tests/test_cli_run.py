@@ -509,3 +509,23 @@ def test_run_notes_result_replaced_by_other_photo(tmp_path: Path) -> None:
     assert note not in first.output
     assert note not in again.output
     assert note in other.output
+
+
+def test_replay_failed_leaves_out_undecodable(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "text.jpg").write_bytes(b"shopping list: milk, eggs\n" * 20)
+    out = tmp_path / "out"
+    ran = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+    name = re.findall(r"\((text\.jpg-[0-9a-f]+)\)", ran.output)
+
+    all_failed = CliRunner().invoke(main, ["replay", "--failed", "--out", str(out)])
+    by_name = CliRunner().invoke(main, ["replay", *name, "--out", str(out)])
+
+    assert ran.exit_code == 1
+    assert "left out 1 run(s) that failed on content no decoder can read" in all_failed.output
+    assert "(UnsupportedImageError)" in all_failed.output
+    assert "no failed executions to replay" in all_failed.output
+    assert len(name) == 1
+    assert by_name.exit_code == 1
+    assert "FAILED" in by_name.output

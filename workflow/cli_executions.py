@@ -34,6 +34,8 @@ from workflow.records import (
 
 __all__ = ["executions", "parse_since", "replay", "serve", "show"]
 
+# Errors of runs whose uploaded bytes cannot be decoded; replaying the same bytes fails again.
+_CONTENT_ERRORS = frozenset({"CorruptImageError", "UnsupportedImageError"})
 _STATUSES = ["RUNNING", "SUCCEEDED", "SKIPPED", "FAILED", "TIMED_OUT", "ABORTED"]
 _STATUS_STYLE = {
     "SUCCEEDED": "green",
@@ -463,11 +465,17 @@ def replay(
     from workflow.replay import replay_candidates
 
     with _open_store(state_dir) as store:
-        targets = (
-            [record.name for record in replay_candidates(store, started_after)]
-            if all_failed
-            else list(names)
-        )
+        targets = list(names)
+        if all_failed:
+            candidates = replay_candidates(store, started_after)
+            undecodable = [record for record in candidates if record.error in _CONTENT_ERRORS]
+            targets = [record.name for record in candidates if record not in undecodable]
+            if undecodable:
+                console.print(
+                    f"left out {len(undecodable)} run(s) that failed on content no decoder can "
+                    f"read ({', '.join(sorted({str(r.error) for r in undecodable}))}), which a "
+                    "replay reads again: upload a repaired file, or replay one by name"
+                )
         if not targets:
             console.print("no failed executions to replay")
             return
