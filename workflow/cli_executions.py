@@ -668,6 +668,9 @@ def serve(host: str, s3_port: int, web_port: int, detector: str, state_dir: Path
     from workflow.engine import EngineConfig
     from workflow.server import LocalStack, PortUnavailable
 
+    # The functions log each failed run with its traceback; the page and the records already
+    # show the error, as `labelmark run` prints one line per run.
+    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "CRITICAL")
     if s3_port == web_port != 0:
         raise click.UsageError(
             f"--s3-port and --port are both {s3_port}; pick two different ports or pass 0 for free ones"
