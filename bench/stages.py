@@ -142,7 +142,7 @@ def child_detect_12mp(calls: int, warmup: int) -> dict[str, Any]:
 
     def detect_once() -> list[dict[str, Any]]:
         image = open_image(data, source.key, limits)
-        raw = _backend_labels(source, image, settings)
+        raw = _backend_labels(source, image, data, settings)
         return trim_labels(
             raw,
             max_labels=settings.max_labels,

@@ -52,7 +52,7 @@ def _render(data: bytes) -> bytes:
     from functions.watermark.render import RenderOptions, render
 
     image = open_image(data, "bench.jpg", ImageLimits())
-    load_pixels(image, "bench.jpg")
+    load_pixels(image, "bench.jpg", data)
     return render(image, TEXT, RenderOptions()).data
 
 
@@ -64,7 +64,7 @@ def _band(data: bytes) -> bytes:
     image = open_image(data, "bench.jpg", ImageLimits())
     rendered = band_only_render(image, data, TEXT, RenderOptions())
     if rendered is None:
-        load_pixels(image, "bench.jpg")
+        load_pixels(image, "bench.jpg", data)
         rendered = render(image, TEXT, RenderOptions())
     return rendered.data
 
