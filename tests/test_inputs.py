@@ -427,6 +427,22 @@ REJECT_CASES = [
         "CorruptImageError",
         ["truncated", "PNG"],
     ),
+    # truncated TIFF with deflate compression, which Pillow cannot open at all
+    (
+        "bad/cut.tif",
+        _truncated(encode(_NOISE, "TIFF", compression="tiff_adobe_deflate"))[:2000],
+        "Detect",
+        "CorruptImageError",
+        ["first bytes mark it as TIFF", "truncated"],
+    ),
+    # truncated AVIF
+    (
+        "bad/cut.avif",
+        _truncated(encode(_NOISE, "AVIF")),
+        "Detect",
+        "CorruptImageError",
+        ["first bytes mark it as AVIF", "truncated"],
+    ),
     # text file with an image extension
     (
         "bad/notes.jpg",

@@ -77,6 +77,14 @@ def open_image(data: bytes, key: str, limits: ImageLimits) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
+        known = _format_by_signature(data)
+        if known is not None:
+            # Pillow identifies some formats only by decoding their first data, so a file cut
+            # short can look like no image at all.
+            raise CorruptImageError(
+                f"cannot read '{key}': its first bytes mark it as {known}, but it cannot be "
+                "opened, so it is truncated or damaged"
+            ) from exc
         raise UnsupportedImageError(
             f"cannot read '{key}': content is not an image in a supported format "
             f"({_SUPPORTED_LIST})"
@@ -172,6 +180,35 @@ def _check_complete(data: bytes, image_format: str | None, key: str) -> None:
         raise CorruptImageError(
             f"cannot read '{key}': the PNG has no IEND chunk, so it is truncated"
         )
+
+
+# The first bytes of each supported format. HEIC and AVIF are ISO media files, whose `ftyp` box
+# names the brand at bytes 8 to 12.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+# Sizes of the BMP info header, at bytes 14 to 18; "BM" alone starts many text files too.
+_BMP_HEADER_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})
+_ISO_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIC"}
+
+
+def _format_by_signature(data: bytes) -> str | None:
+    """Return the name of the supported format whose signature DATA starts with, or None."""
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[:2] == b"BM" and int.from_bytes(data[14:18], "little") in _BMP_HEADER_SIZES:
+        return "BMP"
+    if data[4:8] == b"ftyp":
+        return _ISO_BRANDS.get(data[8:12])
+    return None
 
 
 def _webp_is_lossless(data: bytes) -> bool:
