@@ -6,6 +6,7 @@ import io
 import struct
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageCms, ImageSequence
@@ -534,3 +535,21 @@ def test_skipped_runs_enter_no_task(shared_engine: LocalEngine) -> None:
     types = entered_state_types(shared_engine, result)
     assert "PassStateEntered" in types
     assert "TaskStateEntered" not in types
+
+
+def test_folder_links_followed_once(tmp_path: Path) -> None:
+    from workflow.batch import folder_photos
+
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(real / "sub" / "a.jpg")
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "link").symlink_to(real)
+    (top / "again").symlink_to(real)
+    (real / "sub" / "loop").symlink_to(top)
+
+    found = [relative for _, relative in folder_photos(top)]
+
+    assert len(found) == 1
+    assert found[0] in ("again/sub/a.jpg", "link/sub/a.jpg")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -94,12 +95,13 @@ def folder_photos(
 ) -> Iterator[tuple[Path, str]]:
     """Yield each photo file under FOLDER with its path relative to FOLDER, sorted by path.
 
+    Symbolic links to folders are followed, each folder once, so a link back up the tree ends.
     Hidden files and folders (starting with `.`) and everything in the SKIP folders are left
     out. Files whose suffix is in NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT, and
     files whose path is not valid UTF-8, which an S3 key must be, are added to INVALID_NAMES.
     """
     skipped = list(skip)
-    for file in sorted(folder.rglob("*")):
+    for file in sorted(_files_under(folder)):
         relative = file.relative_to(folder)
         if not file.is_file() or any(part.startswith(".") for part in relative.parts):
             continue
@@ -114,6 +116,22 @@ def folder_photos(
                 left_out.append(file)
             continue
         yield file, relative.as_posix()
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    """Yield every path under FOLDER that is not a folder, following links to folders once."""
+    seen: set[str] = set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            # Reached again through a link (or a link loop): its files were listed already.
+            folders.clear()
+            continue
+        seen.add(real)
+        # Hidden folders are left out below anyway; not walking them saves reading a .git.
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in files:
+            yield Path(root, name)
 
 
 def _is_utf8(text: str) -> bool:
