@@ -420,6 +420,22 @@ REJECT_CASES = [
         "CorruptImageError",
         ["truncated", "JPEG", "flat grey"],
     ),
+    # the same for a CMYK JPEG, which Pillow shows inverted, so the empty blocks are 127
+    (
+        "bad/cut-cmyk-with-end.jpg",
+        _truncated(encode(_NOISE.convert("CMYK"), "JPEG")) + b"\xff\xd9",
+        "Detect",
+        "CorruptImageError",
+        ["truncated", "JPEG"],
+    ),
+    # a progressive JPEG cut in a later scan: complete but blurred in places
+    (
+        "bad/cut-progressive-with-end.jpg",
+        encode(_NOISE, "JPEG", progressive=True)[:-3000] + b"\xff\xd9",
+        "Detect",
+        "CorruptImageError",
+        ["truncated", "JPEG"],
+    ),
     # truncated PNG
     (
         "bad/cut.png",

@@ -128,29 +128,32 @@ def load_pixels(image: Image.Image, key: str, data: bytes | None = None) -> None
         raise CorruptImageError(
             f"cannot decode '{key}': the {image.format} data is truncated or damaged ({exc})"
         ) from exc
-    if data is not None and image.format in ("JPEG", "MPO") and _last_row_is_fill(image):
+    if data is not None and image.format in ("JPEG", "MPO") and _may_end_early(image):
         _check_jpeg_data(image, data, key)
 
 
-# The sample value libjpeg decodes from blocks whose DCT coefficients are all zero.
-_JPEG_FILL = 128
+def _may_end_early(image: Image.Image) -> bool:
+    """Return True when IMAGE, a decoded JPEG, may come from data that ends early.
 
-
-def _last_row_is_fill(image: Image.Image) -> bool:
-    """Return True when every sample of IMAGE's last row has the value of an empty JPEG block."""
-    row = image.crop((0, image.height - 1, image.width, image.height))
-    extrema = row.getextrema()
-    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
-    return all(band == (_JPEG_FILL, _JPEG_FILL) for band in bands)
+    libjpeg decodes every block after the end of the data as an empty one, whose samples are
+    all 128, and the last block is the bottom-right one. Pillow shows Adobe CMYK inverted, so
+    there it is 127. The corner pixel is checked, because in a reduced-size (draft) decode a
+    block can be one pixel. A progressive JPEG cut in a later scan is complete but blurred in
+    places, so every progressive JPEG is checked.
+    """
+    if image.info.get("progressive") or image.info.get("progression"):
+        return True
+    corner = image.getpixel((image.width - 1, image.height - 1))
+    samples = corner if isinstance(corner, tuple) else (corner,)
+    return len(set(samples)) == 1 and samples[0] in (127, 128)
 
 
 def _check_jpeg_data(image: Image.Image, data: bytes, key: str) -> None:
     """Raise CorruptImageError when the JPEG DATA of IMAGE ends before its last block.
 
     libjpeg reports data that ends early (a file cut short and given back its end marker) as a
-    warning, decodes every block after the cut as an empty one, and Pillow 13 does not pass the
-    warning on. Such a picture ends in flat grey rows, so only pictures whose last row is flat
-    grey are decoded once more by simplejpeg (libjpeg-turbo), whose strict mode raises on it.
+    warning, and Pillow 13 does not pass the warning on. So the JPEGs that `_may_end_early`
+    picks are decoded once more by simplejpeg (libjpeg-turbo), whose strict mode raises on it.
     """
     import simplejpeg
 
@@ -159,8 +162,8 @@ def _check_jpeg_data(image: Image.Image, data: bytes, key: str) -> None:
         simplejpeg.decode_jpeg(data, colorspace=colorspace, min_factor=8, strict=True)
     except ValueError as exc:
         raise CorruptImageError(
-            f"cannot decode '{key}': the JPEG data is truncated or damaged ({exc}), so the "
-            "rest of the picture would be flat grey"
+            f"cannot decode '{key}': the JPEG data is truncated or damaged ({exc}), so part "
+            "of the picture would be flat grey or blurred"
         ) from exc
 
 
