@@ -284,6 +284,21 @@ def test_private_metadata_dropped_from_tiff(shared_engine: LocalEngine, pages: i
     assert published.info.get("dpi") == (300, 300)
 
 
+def test_heic_xmp_not_published(shared_engine: LocalEngine) -> None:
+    # XMP can repeat the GPS position and the camera; pillow-heif writes it unless told not to.
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+        b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Make="SECRETMAKE"/></rdf:RDF></x:xmpmeta>'
+    )
+    process(shared_engine, "xmp/phone.heic", encode(_RGB, "HEIF", xmp=xmp))
+
+    published = published_image(shared_engine, "xmp/phone.heic")
+
+    assert published.format == "HEIF"
+    assert not published.info.get("xmp")
+
+
 @pytest.fixture
 def keeping_engine() -> Iterator[LocalEngine]:
     config = EngineConfig(

@@ -452,4 +452,9 @@ def _save_arguments(
         args["compression"] = "tiff_adobe_deflate"
     elif output_format in {"HEIF", "AVIF"}:
         args["quality"] = options.jpeg_quality
+    if output_format == "HEIF":
+        # pillow-heif writes the source's XMP unless told otherwise, and XMP can repeat the GPS
+        # position, the camera and the orientation that the pixels no longer need. The other
+        # formats' writers leave XMP out.
+        args["xmp"] = None
     return args
