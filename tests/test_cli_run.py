@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -529,3 +530,39 @@ def test_replay_failed_leaves_out_undecodable(tmp_path: Path) -> None:
     assert len(name) == 1
     assert by_name.exit_code == 1
     assert "FAILED" in by_name.output
+
+
+def test_photo_uploaded_again_replays_after_old_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workflow import records
+
+    def command(*arguments: str) -> Any:
+        # Each command of a shell session is a new process, which records start anew from.
+        monkeypatch.setattr(records, "_PROCESS_STARTED", time.time())
+        return CliRunner().invoke(main, list(arguments))
+
+    # GIVEN a photo that failed and was replayed successfully, then replaced by another photo,
+    # then put back and failed again
+    photos, out, _ = _run_failing_on_pixel_limit(tmp_path, monkeypatch, "back.jpg")
+    first_replay = command("replay", "--failed", "--out", str(out))
+    original = (photos / "back.jpg").read_bytes()
+    Image.new("RGB", (320, 240), (200, 40, 40)).save(photos / "back.jpg")
+    command("run", str(photos), "--out", str(out))
+    (photos / "back.jpg").write_bytes(original)
+    monkeypatch.setenv("MAX_PIXELS", "1000")
+    failed_again = command("run", str(photos), "--out", str(out))
+    monkeypatch.delenv("MAX_PIXELS")
+
+    # WHEN the failed runs are replayed
+    replayed = command("replay", "--failed", "--out", str(out))
+
+    # THEN the photo put back is replayed and published, not taken for already replayed
+    assert "SUCCEEDED" in first_replay.output
+    assert failed_again.exit_code == 1
+    assert replayed.exit_code == 0, replayed.output
+    assert "SUCCEEDED" in replayed.output
+    with Image.open(out / "watermarked-photos" / "back.jpg") as published:
+        red, green, _ = published.convert("RGB").getpixel((10, 10))
+    assert green > 100
+    assert red < 100

@@ -342,7 +342,9 @@ class ExecutionStore:
 
         The exception is a finished record written before this process started: the same file
         run again by a later command gets the same execution name, and that new run replaces the
-        earlier record and its events instead of merging into them.
+        earlier record and its events instead of merging into them. The earlier run's replays
+        go with it, so that the new run starts a chain of its own: otherwise an old successful
+        replay would make the new run look already replayed.
         """
         with self._transaction() as connection:
             earlier = connection.execute(
@@ -353,8 +355,20 @@ class ExecutionStore:
                 and earlier["status"] != "RUNNING"
                 and float(earlier["started"]) < _PROCESS_STARTED
             ):
-                connection.execute("DELETE FROM events WHERE execution = ?", (record.name,))
-                connection.execute("DELETE FROM executions WHERE name = ?", (record.name,))
+                chain = [
+                    row["name"]
+                    for row in connection.execute(
+                        "WITH RECURSIVE chain(name) AS (SELECT ? UNION SELECT e.name FROM"
+                        " executions e JOIN chain c ON e.replay_of = c.name) SELECT name FROM chain",
+                        (record.name,),
+                    )
+                ]
+                for name in chain:
+                    connection.execute("DELETE FROM events WHERE execution = ?", (name,))
+                    connection.execute("DELETE FROM executions WHERE name = ?", (name,))
+                    connection.execute(
+                        "DELETE FROM replay_claims WHERE replay_of = ? OR name = ?", (name, name)
+                    )
             connection.execute(
                 "INSERT OR IGNORE INTO executions (name, arn, state_machine_arn, status, input, output,"
                 " error, cause, started, stopped, source_bucket, source_key, source_etag,"
