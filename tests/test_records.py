@@ -6,12 +6,15 @@ import datetime as dt
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import jpeg_bytes
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.records import (
     ExecutionRecord,
     ExecutionStore,
     Recorder,
+    StateFolderError,
     failed_task_state,
     state_runs,
 )
@@ -214,3 +217,24 @@ def test_zombie_process_counts_as_ended() -> None:
         assert _pid_alive(os.getpid())
     finally:
         child.wait()
+
+
+def test_damaged_database_reported_as_state_error(tmp_path: Path) -> None:
+    # GIVEN a store with enough runs to fill several pages, whose pages after the first two are
+    # then overwritten, while its header stays intact
+    started = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with ExecutionStore(tmp_path) as store:
+        for index in range(300):
+            store.add_execution(
+                ExecutionRecord(f"photo-{index}.jpg-1", "arn:x", "arn:sm", "SUCCEEDED", {}, started)
+            )
+    database = tmp_path / "executions.sqlite3"
+    with database.open("r+b") as handle:
+        page = 4096
+        for offset in range(2 * page, database.stat().st_size, page):
+            handle.seek(offset + 100)
+            handle.write(b"\xa5" * 500)
+
+    # WHEN the runs are read THEN the error names the database as damaged
+    with pytest.raises(StateFolderError, match="is damaged"), ExecutionStore(tmp_path) as store:
+        store.list()

@@ -241,6 +241,58 @@ class StateFolderError(Exception):
     """The state folder or its database cannot be used. The message names the folder and cause."""
 
 
+def _damaged(connection: sqlite3.Connection, exc: sqlite3.DatabaseError) -> Exception:
+    """Return StateFolderError for a damaged database, or EXC itself for other errors.
+
+    sqlite3 raises its base DatabaseError for a damaged file ("database disk image is
+    malformed"), and subclasses of it for locks and constraint violations, which stay as they are.
+    """
+    if type(exc) is not sqlite3.DatabaseError:
+        return exc
+    path = getattr(connection, "database_path", "the execution database")
+    return StateFolderError(
+        f"the execution database {path} is damaged ({exc}). Move its state folder away to start "
+        "new records, or pass --state-dir or set LABELMARK_STATE_DIR for another one"
+    )
+
+
+class _Cursor(sqlite3.Cursor):
+    """A cursor that reports a damaged database as StateFolderError, also while fetching rows."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(self.connection, exc) from exc
+
+    def fetchone(self) -> Any:
+        try:
+            return super().fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(self.connection, exc) from exc
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return super().fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(self.connection, exc) from exc
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(self.connection, exc) from exc
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose `execute` returns a `_Cursor`."""
+
+    database_path: Path
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        return self.cursor(_Cursor).execute(sql, parameters)
+
+
 class ExecutionStore:
     """The SQLite database and blob folder under one state folder, safe to share between threads.
 
@@ -264,8 +316,13 @@ class ExecutionStore:
             if self.objects_dir.exists() and not self.objects_dir.is_dir():
                 raise NotADirectoryError(f"{self.objects_dir} is a file, not a folder")
             self._connection = sqlite3.connect(
-                self.database_path, check_same_thread=False, isolation_level=None, timeout=30.0
+                self.database_path,
+                check_same_thread=False,
+                isolation_level=None,
+                timeout=30.0,
+                factory=_Connection,
             )
+            self._connection.database_path = self.database_path
             self._connection.row_factory = sqlite3.Row
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute("PRAGMA synchronous=NORMAL")
