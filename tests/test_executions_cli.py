@@ -487,7 +487,7 @@ def test_executions_corrupt_database_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["executions", "--state-dir", str(state)])
 
     assert result.exit_code == 1
-    assert "cannot use the state folder" in result.output
+    assert "executions.sqlite3 is damaged" in result.output
     assert "file is not a database" in result.output
     assert "Traceback" not in result.output
 
