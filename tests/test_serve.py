@@ -548,6 +548,12 @@ def test_serve_s3_endpoint_checks_host(
         ("127.0.0.1:8081", "127.0.0.1", False),
         ("127.0.0.1:port", "127.0.0.1", False),
         ("localhost.example:8080", "127.0.0.1", False),
+        # user information, a path, a fragment or an empty label around a loopback name
+        ("evil.example@127.0.0.1:8080", "127.0.0.1", False),
+        ("localhost:8080/x", "127.0.0.1", False),
+        ("localhost:8080#evil.example", "127.0.0.1", False),
+        (".localhost:8080", "127.0.0.1", False),
+        ("[::1]:8080 ", "127.0.0.1", False),
         (None, "127.0.0.1", False),
         # bound to every interface: the names clients use are not known
         ("attacker.example:8080", "0.0.0.0", True),
@@ -555,3 +561,19 @@ def test_serve_s3_endpoint_checks_host(
 )
 def test_host_allowed(header: str | None, bound_host: str, allowed: bool) -> None:
     assert host_allowed(header, bound_host, 8080) is allowed
+
+
+def test_serve_page_rejects_two_host_headers(stack: tuple[LocalStack, threading.Event]) -> None:
+    running, _ = stack
+    port = urlsplit(running.web_url).port
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.putrequest("GET", "/api/executions", skip_host=True)
+        connection.putheader("Host", f"127.0.0.1:{port}")
+        connection.putheader("Host", f"attacker.example:{port}")
+        connection.endheaders()
+        status = connection.getresponse().status
+    finally:
+        connection.close()
+
+    assert status == 403

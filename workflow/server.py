@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import mimetypes
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -56,6 +57,10 @@ POLL_INTERVAL = 0.5
 MAX_BODY_BYTES = 64 * 1024
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# A host name of dot-separated labels, or an IPv6 address in brackets, then a port.
+_HOST_HEADER = re.compile(
+    r"(?P<name>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*):(?P<port>[0-9]{1,5})"
+)
 WEB_DIR = Path(__file__).with_name("web")
 logger = logging.getLogger(__name__)
 
@@ -482,23 +487,19 @@ def host_allowed(header: str | None, bound_host: str, port: int) -> bool:
 
     A web page from another site can make its own host name resolve to 127.0.0.1 (DNS
     rebinding) and then read this server's responses as same-origin ones. Its requests still
-    carry that host name, so only requests for a loopback name and this port are served. Names under
-    `.localhost` are loopback too, and S3 clients use them for virtual-hosted bucket addresses.
+    carry that host name, so only requests for a loopback name and this port are served. Names
+    under `.localhost` are loopback too, and S3 clients use them for virtual-hosted bucket
+    addresses. A Host header is a name or bracketed IPv6 address and a port, nothing more.
     NOTE: on another --host, such as 0.0.0.0, the names clients use are not known here, so
     every Host is allowed.
     """
     if bound_host not in _LOOPBACK_HOSTS:
         return True
-    if not header:
+    match = _HOST_HEADER.fullmatch(header or "")
+    if match is None or int(match["port"]) != port:
         return False
-    parsed = urlparse(f"//{header}")
-    try:
-        header_port = parsed.port
-    except ValueError:
-        return False
-    name = (parsed.hostname or "").lower()
-    loopback = name in _LOOPBACK_HOSTS or name.endswith(".localhost")
-    return loopback and header_port == port
+    name = match["name"].lower().strip("[]")
+    return name in _LOOPBACK_HOSTS or name.endswith(".localhost")
 
 
 class _Rejected(Exception):
@@ -554,7 +555,8 @@ def _handler_for(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
                     )
 
         def _check_host(self) -> None:
-            if not host_allowed(self.headers.get("Host"), stack.host, stack.web_port):
+            hosts = self.headers.get_all("Host") or []
+            if len(hosts) != 1 or not host_allowed(hosts[0], stack.host, stack.web_port):
                 raise _Rejected(
                     HTTPStatus.FORBIDDEN,
                     f"request for host {self.headers.get('Host')!r}, which is not this server; "
