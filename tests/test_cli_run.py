@@ -399,10 +399,14 @@ def test_run_one_missing_file_fails_alone(tmp_path: Path) -> None:
     present = tmp_path / "present.jpg"
     Image.new("RGB", (64, 48), (200, 40, 40)).save(present)
     config = EngineConfig(detector="rekognition", real_rekognition=False)
+    os.mkfifo(tmp_path / "pipe.jpg")
     with LocalEngine(config) as engine:
         missing = run_one(engine, InputFile(tmp_path / "gone.jpg", "gone.jpg"), tmp_path / "out")
+        pipe = run_one(engine, InputFile(tmp_path / "pipe.jpg", "pipe.jpg"), tmp_path / "out")
         found = run_one(engine, InputFile(present, "present.jpg"), tmp_path / "out")
 
+    assert pipe.status == "FAILED"
+    assert "no longer a regular file" in pipe.reason
     assert missing.status == "FAILED"
     assert missing.execution == ""
     assert "cannot read" in missing.reason

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -285,21 +286,39 @@ def _run_in_process(
                 report(future)
         except KeyboardInterrupt:
             # Images not started yet are dropped; those running finish, so that none is left
-            # half written, and are reported.
+            # half written, and are reported. A second Ctrl-C while they finish changes nothing,
+            # so that no finished image goes unreported.
             for future in futures:
                 future.cancel()
             for future in futures:
                 if not future.cancelled() and future not in reported:
-                    report(future)
+                    _report_despite_interrupts(report, future)
             raise BatchInterrupted(outcomes) from None
     return outcomes
+
+
+def _report_despite_interrupts(
+    report: Callable[[Future[ImageOutcome]], None], future: Future[ImageOutcome]
+) -> None:
+    """Wait for FUTURE, ignoring further Ctrl-C, then REPORT it once."""
+    while not future.done():
+        try:
+            wait([future])
+        except KeyboardInterrupt:
+            continue
+    report(future)
 
 
 def run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome:
     """Upload ITEM, run its execution, write its results to OUT_DIR and free its memory."""
     started = time.perf_counter()
     try:
-        size = item.path.stat().st_size
+        status = item.path.stat()
+        if not stat.S_ISREG(status.st_mode):
+            # A pipe would block the read for good, and a folder cannot be read as one file.
+            reason = f"'{printable(str(item.path))}' is no longer a regular file"
+            return ImageOutcome(item.key, "FAILED", "", reason=reason)
+        size = status.st_size
         if size > engine.max_object_bytes:
             # Detect would reject it by its size without reading it. Reading it here, to upload
             # it and keep a copy for replays, could take more memory than the machine has.
