@@ -570,3 +570,23 @@ def test_photo_uploaded_again_replays_after_old_replay(
         red, green, _ = published.convert("RGB").getpixel((10, 10))
     assert green > 100
     assert red < 100
+
+
+def test_success_removes_failure_records_in_other_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a photo that failed twice, writing its record to two output folders
+    photos, first_out, _ = _run_failing_on_pixel_limit(tmp_path, monkeypatch, "twice.jpg")
+    second_out = tmp_path / "second"
+    monkeypatch.setenv("MAX_PIXELS", "1000")
+    CliRunner().invoke(main, ["run", str(photos), "--out", str(second_out)])
+    monkeypatch.delenv("MAX_PIXELS")
+
+    # WHEN the same photo then succeeds into a third folder
+    third_out = tmp_path / "third"
+    succeeded = CliRunner().invoke(main, ["run", str(photos), "--out", str(third_out)])
+
+    # THEN neither earlier folder keeps a failure record
+    assert succeeded.exit_code == 0, succeeded.output
+    assert list((first_out / "labelmark-failures").glob("*.json")) == []
+    assert list((second_out / "labelmark-failures").glob("*.json")) == []

@@ -384,7 +384,12 @@ def write_outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Pat
         replaced = _replaces_other_content(out_dir, output["sidecarKey"], document)
         image_file = write_object(out_dir, output["key"], image)
         write_object(out_dir, output["sidecarKey"], sidecar)
-        remove_failure_record(result.name, out_dir)
+        # The same content may have failed before with another --out folder.
+        folders = {out_dir}
+        if engine.recorder is not None:
+            folders.update(engine.recorder.store.output_folders(result.name))
+        for folder in folders:
+            remove_failure_record(result.name, folder)
         labels = headline_names(document["labels"], count=3)
         return ImageOutcome(
             key,
@@ -462,11 +467,9 @@ def remove_replaced_failure_records(
         for earlier in store.first_attempts_of(first.source_bucket, first.source_key):
             if earlier.started < first.started:
                 for attempt in store.attempts(earlier.name):
-                    remove_failure_record(attempt.name, out_dir)
-                    # An earlier run may have written its record to another folder.
-                    recorded = store.output_folder(attempt.name)
-                    if recorded is not None:
-                        remove_failure_record(attempt.name, recorded)
+                    # An earlier run may have written its record to other folders.
+                    for folder in {out_dir, *store.output_folders(attempt.name)}:
+                        remove_failure_record(attempt.name, folder)
 
 
 def _read(engine: LocalEngine, bucket: str, key: str) -> bytes:

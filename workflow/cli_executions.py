@@ -567,9 +567,8 @@ def _replay_local(
                 if outcome.status == "SUCCEEDED":
                     # The failed runs this replay repairs no longer describe the upload.
                     for failed in filter(None, (plan.original.name, plan.original.replay_of)):
-                        remove_failure_record(failed, folder)
-                        if recorded is not None:
-                            remove_failure_record(failed, recorded)
+                        for failed_folder in {folder, *store.output_folders(failed)}:
+                            remove_failure_record(failed, failed_folder)
                 remove_replaced_failure_records(store, folder, [plan.name])
                 written = outcome.output_file or outcome.failure_file
                 console.print(

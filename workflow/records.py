@@ -96,10 +96,13 @@ CREATE TABLE IF NOT EXISTS replay_claims (
     claimed REAL NOT NULL,
     owner_pid INTEGER NOT NULL
 );
--- The folder each run's image or failure record was written to, so a replay writes there too.
-CREATE TABLE IF NOT EXISTS output_folders (
-    execution TEXT PRIMARY KEY,
-    folder TEXT NOT NULL
+-- The folders each run's image or failure record was written to (the same content can run
+-- into several), so a replay writes there too and stale failure records can be found.
+CREATE TABLE IF NOT EXISTS run_output_folders (
+    execution TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    written REAL NOT NULL,
+    PRIMARY KEY (execution, folder)
 );
 CREATE TABLE IF NOT EXISTS uploads (
     bucket TEXT NOT NULL,
@@ -572,20 +575,28 @@ class ExecutionStore:
         return [_record(row) for row in rows]
 
     def set_output_folder(self, execution: str, folder: Path) -> None:
-        """Store FOLDER (made absolute) as the folder EXECUTION's results were written to."""
+        """Store FOLDER (made absolute) as a folder EXECUTION's results were written to."""
         with self._transaction() as connection:
             connection.execute(
-                "INSERT OR REPLACE INTO output_folders (execution, folder) VALUES (?, ?)",
-                (execution, str(folder.resolve())),
+                "INSERT OR REPLACE INTO run_output_folders (execution, folder, written)"
+                " VALUES (?, ?, ?)",
+                (execution, str(folder.resolve()), time.time()),
             )
 
-    def output_folder(self, execution: str) -> Path | None:
-        """Return the folder EXECUTION's results were written to, or None if none was stored."""
+    def output_folders(self, execution: str) -> builtins.list[Path]:
+        """Return the folders EXECUTION's results were written to, the latest first."""
         with self._lock:
-            row = self._connection.execute(
-                "SELECT folder FROM output_folders WHERE execution = ?", (execution,)
-            ).fetchone()
-        return None if row is None else Path(row["folder"])
+            rows = self._connection.execute(
+                "SELECT folder FROM run_output_folders WHERE execution = ?"
+                " ORDER BY written DESC, folder",
+                (execution,),
+            ).fetchall()
+        return [Path(row["folder"]) for row in rows]
+
+    def output_folder(self, execution: str) -> Path | None:
+        """Return the folder EXECUTION's results were last written to, or None if none was."""
+        folders = self.output_folders(execution)
+        return folders[0] if folders else None
 
     # From here on, `list` in this class body names the method above, hence `builtins.list`.
     def first_attempts_of(self, bucket: str, key: str) -> builtins.list[ExecutionRecord]:
