@@ -157,6 +157,24 @@ def test_backfill_cli_local_uploads_photos_only(
     assert published == expected
 
 
+def test_backfill_cli_local_leaves_out_files_over_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photos = tmp_path / "photos"
+    _write_photos(photos, 1)
+    (photos / "huge.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 200_000)
+    monkeypatch.setenv("MAX_OBJECT_BYTES", "100000")
+
+    result = CliRunner().invoke(
+        main, ["backfill", "old/", "--from", str(photos), "--out", str(tmp_path / "out")]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "left out 1 file(s) over MAX_OBJECT_BYTES (100,000 bytes)" in result.output
+    assert "huge.jpg" in result.output
+    assert "1 objects under old/: 1 succeeded" in result.output
+
+
 def test_backfill_cli_local_needs_from() -> None:
     result = CliRunner().invoke(main, ["backfill", "old/"])
 

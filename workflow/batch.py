@@ -186,7 +186,7 @@ def collect_inputs(
     inputs: list[InputFile] = []
     for path in paths:
         if not path.exists():
-            raise InputError(f"input '{path}' does not exist")
+            raise InputError(f"input '{printable(str(path))}' does not exist")
         if is_inside(path, skipped):
             continue
         if path.is_dir():

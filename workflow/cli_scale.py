@@ -191,6 +191,7 @@ def _backfill_local(
         with LocalEngine(EngineConfig(detector=detector), recorder=recorder) as engine:
             left_out: list[Path] = []
             invalid_names: list[Path] = []
+            too_large: list[Path] = []
             upload_folder(
                 engine,
                 from_dir,
@@ -198,7 +199,15 @@ def _backfill_local(
                 skip=[out, store.state_dir],
                 left_out=left_out,
                 invalid_names=invalid_names,
+                too_large=too_large,
             )
+            if too_large:
+                names = ", ".join(f"'{printable(str(path))}'" for path in too_large[:5])
+                console.print(
+                    f"left out {len(too_large)} file(s) over MAX_OBJECT_BYTES "
+                    f"({engine.max_object_bytes:,} bytes), without reading them: "
+                    f"{escape(names)}{' and more' if len(too_large) > 5 else ''}"
+                )
             if left_out:
                 console.print(escape(describe_left_out(left_out)))
             if invalid_names:
