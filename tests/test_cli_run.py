@@ -590,3 +590,23 @@ def test_success_removes_failure_records_in_other_folders(
     assert succeeded.exit_code == 0, succeeded.output
     assert list((first_out / "labelmark-failures").glob("*.json")) == []
     assert list((second_out / "labelmark-failures").glob("*.json")) == []
+
+
+def test_run_leaves_out_results_of_earlier_output_folder(tmp_path: Path) -> None:
+    # GIVEN a photo folder that holds the results of a run with another --out folder
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (320, 240), (200, 40, 40)).save(photos / "red.jpg")
+    first = CliRunner().invoke(main, ["run", str(photos), "--out", str(photos / "out")])
+
+    # WHEN the photo folder runs again into a new output folder
+    second = CliRunner().invoke(main, ["run", str(photos), "--out", str(tmp_path / "new")])
+
+    # THEN only the photo runs; the earlier result is not watermarked a second time
+    assert first.exit_code == 0, first.output
+    assert second.exit_code == 0, second.output
+    assert "1 image " in second.output
+    published = sorted(
+        p.relative_to(tmp_path / "new").as_posix() for p in (tmp_path / "new").rglob("*.jpg")
+    )
+    assert published == ["watermarked-photos/red.jpg"]

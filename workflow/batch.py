@@ -31,6 +31,7 @@ __all__ = [
     "describe_invalid_names",
     "describe_left_out",
     "folder_photos",
+    "published_trees",
     "remove_failure_record",
     "remove_replaced_failure_records",
     "run_batch",
@@ -142,6 +143,34 @@ def _is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def published_trees(folders: Iterable[Path], prefixes: Iterable[str]) -> list[Path]:
+    """Return what earlier runs published into FOLDERS: entries named with one of PREFIXES, and
+    the failure and backfill folders.
+
+    Taking them for photos would watermark a result a second time, so `run` and `backfill
+    --from` leave them out even when they lie inside the photos given, under an earlier `--out`.
+    """
+    # A prefix such as 'processed/' publishes into a folder of that name; 'watermarked-' into
+    # entries whose names start with it.
+    folder_names = {"labelmark-failures", "labelmark-backfill"}
+    starts = []
+    for prefix in prefixes:
+        if "/" in prefix:
+            folder_names.add(prefix.split("/", 1)[0])
+        elif prefix:
+            starts.append(prefix)
+    trees = []
+    for folder in folders:
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name in folder_names or entry.name.startswith(tuple(starts)):
+                trees.append(entry)
+    return trees
 
 
 def describe_invalid_names(invalid_names: list[Path]) -> str:

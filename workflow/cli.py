@@ -130,11 +130,15 @@ def run(
     console = Console(highlight=False)
     _quiet_libraries(verbose)
     own_folders = {"output": out_dir, "state": state_dir or default_state_dir()}
+    earlier_results = _earlier_results(own_folders["state"], output_prefix)
     try:
         left_out: list[Path] = []
         invalid_names: list[Path] = []
         inputs = collect_inputs(
-            paths, skip=own_folders.values(), left_out=left_out, invalid_names=invalid_names
+            paths,
+            skip=[*own_folders.values(), *earlier_results],
+            left_out=left_out,
+            invalid_names=invalid_names,
         )
     except InputError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -207,6 +211,21 @@ def run(
         sys.exit(128 + int(stop_signal.received))
     if any(outcome.status == "FAILED" for outcome in outcomes):
         sys.exit(1)
+
+
+def _earlier_results(state_dir: Path, output_prefix: str) -> list[Path]:
+    """Return the results that runs recorded in STATE_DIR published, to be left out as inputs."""
+    from workflow.records import StateFolderError
+
+    if not (state_dir / "executions.sqlite3").is_file():
+        return []
+    try:
+        with ExecutionStore(state_dir) as store:
+            folders = store.all_output_folders()
+    except StateFolderError:
+        # The run itself reports the damaged folder when it opens it.
+        return []
+    return batch.published_trees(folders, {output_prefix, "watermarked-"})
 
 
 def _no_photos_message(paths: tuple[Path, ...], own_folders: dict[str, Path]) -> str:

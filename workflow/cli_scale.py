@@ -170,7 +170,7 @@ def _backfill_local(
     console: Console, prefix: str, from_dir: Path, max_concurrency: int, detector: str, out: Path
 ) -> dict:
     from workflow.backfill import backfill_local, upload_folder
-    from workflow.batch import describe_invalid_names, describe_left_out
+    from workflow.batch import describe_invalid_names, describe_left_out, published_trees
     from workflow.engine import EngineConfig, LocalEngine
 
     # moto logs each caught task failure with the whole state; the results file has the error.
@@ -196,7 +196,11 @@ def _backfill_local(
                 engine,
                 from_dir,
                 prefix,
-                skip=[out, store.state_dir],
+                skip=[
+                    out,
+                    store.state_dir,
+                    *published_trees(store.all_output_folders(), ["watermarked-"]),
+                ],
                 left_out=left_out,
                 invalid_names=invalid_names,
                 too_large=too_large,

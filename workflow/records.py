@@ -593,6 +593,14 @@ class ExecutionStore:
             ).fetchall()
         return [Path(row["folder"]) for row in rows]
 
+    def all_output_folders(self) -> builtins.list[Path]:
+        """Return every folder that a recorded run wrote its results to."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT DISTINCT folder FROM run_output_folders ORDER BY folder"
+            ).fetchall()
+        return [Path(row["folder"]) for row in rows]
+
     def output_folder(self, execution: str) -> Path | None:
         """Return the folder EXECUTION's results were last written to, or None if none was."""
         folders = self.output_folders(execution)
