@@ -610,3 +610,21 @@ def test_run_leaves_out_results_of_earlier_output_folder(tmp_path: Path) -> None
         p.relative_to(tmp_path / "new").as_posix() for p in (tmp_path / "new").rglob("*.jpg")
     )
     assert published == ["watermarked-photos/red.jpg"]
+
+
+def test_failed_run_names_earlier_result_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (320, 240), (200, 40, 40)).save(photos / "kept.jpg")
+    out = tmp_path / "out"
+    CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+    Image.new("RGB", (320, 240), (40, 40, 200)).save(photos / "kept.jpg")
+    monkeypatch.setenv("MAX_PIXELS", "1000")
+
+    failed = CliRunner().invoke(main, ["run", str(photos), "--out", str(out)])
+
+    assert failed.exit_code == 1
+    assert "an earlier result for this name stays at" in failed.output
+    assert (out / "watermarked-photos" / "kept.jpg").is_file()

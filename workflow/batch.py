@@ -459,13 +459,23 @@ def _failed_outcome(
     if record is not None:
         failure_file = write_object(out_dir, record_key, record)
         state = json.loads(record).get("failedState", state)
-    return ImageOutcome(
-        key,
-        "FAILED",
-        result.name,
-        failure_file=failure_file,
-        reason=f"{state}: {describe_error(result.error, result.cause)}",
-    )
+    reason = f"{state}: {describe_error(result.error, result.cause)}"
+    earlier = _earlier_result(engine, key, out_dir)
+    if earlier is not None:
+        # As in the processed bucket, a result published by an earlier run of this key stays.
+        reason += f"; an earlier result for this name stays at {earlier}"
+    return ImageOutcome(key, "FAILED", result.name, failure_file=failure_file, reason=reason)
+
+
+def _earlier_result(engine: LocalEngine, key: str, out_dir: Path) -> Path | None:
+    """Return the image in OUT_DIR that an earlier run published for KEY, or None."""
+    from functions.common.keys import output_key
+
+    try:
+        image = key_to_path(out_dir, output_key(key, engine.config.output_prefix))
+    except ValueError:
+        return None
+    return image if image.is_file() else None
 
 
 def remove_failure_record(execution: str, out_dir: Path) -> None:
