@@ -668,8 +668,14 @@ def serve(host: str, s3_port: int, web_port: int, detector: str, state_dir: Path
     from workflow.server import LocalStack, PortUnavailable
 
     # The functions log each failed run with its traceback; the page and the records already
-    # show the error, as `labelmark run` prints one line per run.
+    # show the error, and the server logs one line per run instead, as `labelmark run` prints.
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "CRITICAL")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    server_log = logging.getLogger("workflow.server")
+    server_log.addHandler(handler)
+    server_log.setLevel(logging.INFO)
+    server_log.propagate = False
     if s3_port == web_port != 0:
         raise click.UsageError(
             f"--s3-port and --port are both {s3_port}; pick two different ports or pass 0 for free ones"
@@ -695,7 +701,8 @@ def serve(host: str, s3_port: int, web_port: int, detector: str, state_dir: Path
     click.echo(f"processed bucket s3://{stack.config.processed_bucket}")
     click.echo(f"executions page {stack.web_url}")
     click.echo(
-        f"example: aws --endpoint-url {stack.s3_url} s3 cp photo.jpg s3://{stack.config.source_bucket}/"
+        "example: AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local "
+        f"aws --endpoint-url {stack.s3_url} s3 cp photo.jpg s3://{stack.config.source_bucket}/"
     )
     click.echo("press Ctrl-C to stop")
     try:

@@ -285,10 +285,24 @@ class LocalStack:
                 self._runs.submit(self._run, event)
 
     def _run(self, event: dict[str, Any]) -> None:
+        key = printable(str(event["detail"]["object"]["key"]))
         try:
-            self.engine.run(event)
+            result = self.engine.run(event)
         except Exception:
-            logger.exception("execution for %s failed to run", event["detail"]["object"]["key"])
+            logger.exception("execution for %s failed to run", key)
+            return
+        if result.status == "SUCCEEDED" and result.skipped_reason:
+            logger.info("%s %s: skipped, %s", result.name, key, result.skipped_reason)
+        elif result.status == "SUCCEEDED":
+            logger.info("%s %s: succeeded", result.name, key)
+        else:
+            logger.warning(
+                "%s %s: %s, %s",
+                result.name,
+                key,
+                result.status.lower(),
+                printable(f"{result.error}: {error_message(result.cause) or 'no message'}"),
+            )
 
     # -- API -------------------------------------------------------------------------------
 
