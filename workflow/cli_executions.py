@@ -85,6 +85,7 @@ def _cloud_options(function: Callable[..., Any]) -> Callable[..., Any]:
     function = click.option(
         "--state-machine-arn",
         envvar="LABELMARK_STATE_MACHINE_ARN",
+        show_envvar=True,
         help="ARN of the deployed state machine, for --cloud.",
     )(function)
     return click.option(
@@ -428,8 +429,9 @@ def _execution_arn(state_machine_arn: str, name: str) -> str:
 )
 @out_dir_option(
     "Locally: folder that receives each replay's image and .labels.json file, or its "
-    "failure record, as 'labelmark run' writes them. Without --out, each replay writes to "
-    "the folder its run wrote to, and runs recorded without one write here."
+    "failure record, as 'labelmark run' writes them. Without --out on the command line, each "
+    "replay writes to the folder its run wrote to, and only runs recorded without one write to "
+    "LABELMARK_OUT or the default."
 )
 @_state_dir_option
 @_cloud_options

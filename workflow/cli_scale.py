@@ -107,6 +107,7 @@ def cost(images: int, backend: str, workflow: str) -> None:
 @click.option(
     "--state-machine-arn",
     envvar="LABELMARK_BACKFILL_STATE_MACHINE_ARN",
+    show_envvar=True,
     help="With --cloud: ARN of the deployed backfill state machine.",
 )
 def backfill(
