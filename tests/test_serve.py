@@ -345,7 +345,9 @@ def test_serve_deleted_image_not_found(
     assert content_type == "application/json"
     location = f"s3://{running.config.processed_bucket}/watermarked-gone.jpg"
     assert body == {"error": f"the output image {location} no longer exists"}
-    assert [record.getMessage() for record in caplog.records] == [
+    # The server's own line for the run's end may land in this window too, at INFO.
+    warnings = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert [record.getMessage() for record in warnings] == [
         f"image of {name} not found: {location} was deleted"
     ]
     assert "Traceback" not in capfd.readouterr().err
