@@ -508,7 +508,7 @@ def test_run_notes_result_replaced_by_other_photo(tmp_path: Path) -> None:
     again = CliRunner().invoke(main, ["run", str(tmp_path / "trip1" / "day"), "--out", str(out)])
     other = CliRunner().invoke(main, ["run", str(tmp_path / "trip2" / "day"), "--out", str(out)])
 
-    # THEN the run of the other photo says that it replaced a result, and a rerun does not
+    # THEN the run of the other photo reports that it replaced a result, and a rerun does not
     note = "replaced the result of other content with this name"
     assert first.exit_code == 0, first.output
     assert note not in first.output
@@ -593,7 +593,7 @@ def test_success_removes_failure_records_in_other_folders(
 
 
 def test_run_leaves_out_results_of_earlier_output_folder(tmp_path: Path) -> None:
-    # GIVEN a photo folder that holds the results of a run with another --out folder
+    # GIVEN a photo folder that contains the results of a run with another --out folder
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (320, 240), (200, 40, 40)).save(photos / "red.jpg")

@@ -324,7 +324,7 @@ def _run_with_progress(
     Raises BatchInterrupted (a KeyboardInterrupt) after Ctrl-C, once the images running finished.
     """
     # On a terminal, the bar and the result lines share one console, which prints each line
-    # above the bar; two consoles writing to one screen would leave stale bars between the lines.
+    # above the bar. Two consoles writing to one screen would leave stale bars between the lines.
     # When the lines go to a pipe or a file, the bar goes to stderr and keeps out of them.
     bar_console = console if console.is_terminal else Console(stderr=True)
     progress = Progress(

@@ -669,8 +669,8 @@ def serve(host: str, s3_port: int, web_port: int, detector: str, state_dir: Path
     from workflow.engine import EngineConfig
     from workflow.server import LocalStack, PortUnavailable
 
-    # The functions log each failed run with its traceback; the page and the records already
-    # show the error, and the server logs one line per run instead, as `labelmark run` prints.
+    # The functions log each failed run with its traceback. The page and the records already
+    # show the error, so the server logs one line per run instead, as `labelmark run` prints.
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "CRITICAL")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))

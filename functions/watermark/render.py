@@ -453,7 +453,7 @@ def _save_arguments(
     elif output_format in {"HEIF", "AVIF"}:
         args["quality"] = options.jpeg_quality
     if output_format == "HEIF":
-        # pillow-heif writes the source's XMP unless told otherwise, and XMP can repeat the GPS
+        # pillow-heif writes the source's XMP unless the save sets it, and XMP can repeat the GPS
         # position, the camera and the orientation that the pixels no longer need. The other
         # formats' writers leave XMP out.
         args["xmp"] = None
