@@ -234,6 +234,13 @@ def test_run_leaves_out_companion_files_by_suffix(tmp_path: Path) -> None:
     assert "UnsupportedImageError" in named_run.output
 
 
+def _corner_colour(image_file: Path) -> tuple[int, int, int]:
+    """Return the RGB colour near the top-left corner of IMAGE_FILE, above the band."""
+    with Image.open(image_file) as published:
+        red, green, blue = published.convert("RGB").getpixel((10, 10))
+    return red, green, blue
+
+
 def _run_failing_on_pixel_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> tuple[Path, Path, Any]:
@@ -324,8 +331,7 @@ def test_replaced_photo_retires_old_failure(
     assert list((out / "labelmark-failures").glob("*.json")) == []
     assert replayed.exit_code == 0, replayed.output
     assert "no failed executions to replay" in replayed.output
-    with Image.open(out / "watermarked-photos" / "swap.jpg") as published:
-        red, _, blue = published.convert("RGB").getpixel((10, 10))
+    red, _, blue = _corner_colour(out / "watermarked-photos" / "swap.jpg")
     assert red > 150
     assert blue < 100
 
@@ -469,7 +475,7 @@ def test_executions_status_skipped_and_show(tmp_path: Path) -> None:
 
     skipped = CliRunner().invoke(main, ["executions", "--status", "skipped"])
     succeeded = CliRunner().invoke(main, ["executions", "--status", "SUCCEEDED"])
-    shown = CliRunner().invoke(main, ["show", "empty.jpg-"])
+    skipped_run = CliRunner().invoke(main, ["show", "empty.jpg-"])
     ambiguous = CliRunner().invoke(main, ["show", "same-"])
 
     assert ran.exit_code == 0, ran.output
@@ -477,8 +483,8 @@ def test_executions_status_skipped_and_show(tmp_path: Path) -> None:
     assert "same-a.jpg-" not in skipped.output
     assert "same-a.jpg-" in succeeded.output
     assert "empty.jpg-" not in succeeded.output
-    assert shown.exit_code == 0, shown.output
-    assert "SKIPPED" in shown.output.splitlines()[0]
+    assert skipped_run.exit_code == 0, skipped_run.output
+    assert "SKIPPED" in skipped_run.output.splitlines()[0]
     assert ambiguous.exit_code == 1
     assert "2 executions start with 'same-'" in ambiguous.output
 
@@ -566,8 +572,7 @@ def test_photo_uploaded_again_replays_after_old_replay(
     assert failed_again.exit_code == 1
     assert replayed.exit_code == 0, replayed.output
     assert "SUCCEEDED" in replayed.output
-    with Image.open(out / "watermarked-photos" / "back.jpg") as published:
-        red, green, _ = published.convert("RGB").getpixel((10, 10))
+    red, green, _ = _corner_colour(out / "watermarked-photos" / "back.jpg")
     assert green > 100
     assert red < 100
 

@@ -285,7 +285,8 @@ def test_private_metadata_dropped_from_tiff(shared_engine: LocalEngine, pages: i
 
 
 def test_heic_xmp_not_published(shared_engine: LocalEngine) -> None:
-    # XMP can repeat the GPS position and the camera; pillow-heif writes it unless told not to.
+    # XMP can repeat the GPS position and the camera, and pillow-heif writes it unless the save
+    # sets it.
     xmp = (
         b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
         b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '

@@ -74,7 +74,7 @@ class ImageOutcome:
     labels: list[str] = field(default_factory=list)
     output_file: Path | None = None
     failure_file: Path | None = None
-    reason: str = ""  # why it failed or was skipped; for a success, a note such as a replacement
+    reason: str = ""  # why it failed or was skipped, or for a success a note such as a replacement
     seconds: float = 0.0
 
 
@@ -130,7 +130,7 @@ def _files_under(folder: Path) -> Iterator[Path]:
             folders.clear()
             continue
         seen.add(real)
-        # Hidden folders are left out below anyway; not walking them saves reading a .git.
+        # Hidden folders are left out below anyway, so not walking them saves reading a .git.
         folders[:] = [name for name in folders if not name.startswith(".")]
         for name in files:
             yield Path(root, name)
@@ -152,8 +152,8 @@ def published_trees(folders: Iterable[Path], prefixes: Iterable[str]) -> list[Pa
     Taking them for photos would watermark a result a second time, so `run` and `backfill
     --from` leave them out even when they lie inside the photos given, under an earlier `--out`.
     """
-    # A prefix such as 'processed/' publishes into a folder of that name; 'watermarked-' into
-    # entries whose names start with it.
+    # A prefix such as 'processed/' publishes into a folder of that name, and one such as
+    # 'watermarked-' into entries whose names start with it.
     folder_names = {"labelmark-failures", "labelmark-backfill"}
     starts = []
     for prefix in prefixes:

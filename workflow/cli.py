@@ -25,7 +25,7 @@ from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.localfiles import is_inside
 from workflow.records import ExecutionStore, Recorder, default_state_dir
-from workflow.workers import WorkerPool
+from workflow.workers import WorkerPool, usable_cores
 
 __all__ = ["main"]
 
@@ -286,8 +286,7 @@ def _fit_workers(console: Console, workers: int, images: int) -> int:
     """
     if images < batch.PROCESS_BATCH_MIN:
         return workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = max(1, cores or 1)
+    cores = usable_cores()
     if workers <= cores:
         return workers
     console.print(

@@ -34,7 +34,7 @@ from workflow.records import (
 
 __all__ = ["executions", "parse_since", "replay", "serve", "show"]
 
-# Errors of runs whose uploaded bytes cannot be decoded; replaying the same bytes fails again.
+# Errors of runs whose uploaded bytes cannot be decoded, so replaying the same bytes fails again.
 _CONTENT_ERRORS = frozenset({"CorruptImageError", "UnsupportedImageError"})
 _STATUSES = ["RUNNING", "SUCCEEDED", "SKIPPED", "FAILED", "TIMED_OUT", "ABORTED"]
 _STATUS_STYLE = {

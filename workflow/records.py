@@ -259,32 +259,32 @@ def _damaged(connection: sqlite3.Connection, exc: sqlite3.DatabaseError) -> Exce
     )
 
 
+@contextmanager
+def _damage_reported(connection: sqlite3.Connection) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        raise _damaged(connection, exc) from exc
+
+
 class _Cursor(sqlite3.Cursor):
     """A cursor that reports a damaged database as StateFolderError, also while fetching rows."""
 
     def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
-        try:
+        with _damage_reported(self.connection):
             return super().execute(sql, parameters)
-        except sqlite3.DatabaseError as exc:
-            raise _damaged(self.connection, exc) from exc
 
     def fetchone(self) -> Any:
-        try:
+        with _damage_reported(self.connection):
             return super().fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise _damaged(self.connection, exc) from exc
 
     def fetchall(self) -> list[Any]:
-        try:
+        with _damage_reported(self.connection):
             return super().fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise _damaged(self.connection, exc) from exc
 
     def __next__(self) -> Any:
-        try:
+        with _damage_reported(self.connection):
             return super().__next__()
-        except sqlite3.DatabaseError as exc:
-            raise _damaged(self.connection, exc) from exc
 
 
 class _Connection(sqlite3.Connection):

@@ -456,13 +456,18 @@ def core_groups(processes: int) -> list[frozenset[int]]:
     return [frozenset(cores[index * share : (index + 1) * share]) for index in range(processes)]
 
 
+def usable_cores() -> int:
+    """Return the number of cores this process may run on (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
 def model_threads_per_process(processes: int) -> int:
     """Return the label model's thread count for each of PROCESSES processes on this machine."""
     groups = core_groups(processes)
     if groups:
         return len(groups[0])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // processes)
+    return max(1, usable_cores() // processes)
 
 
 def _keep_to_cores(groups: tuple[frozenset[int], ...]) -> Callable[[], None] | None:

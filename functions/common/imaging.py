@@ -195,7 +195,7 @@ _SIGNATURES = (
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
 )
-# Sizes of the BMP info header, at bytes 14 to 18; "BM" alone starts many text files too.
+# Sizes of the BMP info header, at bytes 14 to 18, checked because "BM" alone starts many texts.
 _BMP_HEADER_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})
 _ISO_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIC"}
 
