@@ -13,7 +13,14 @@ EXIF orientation 6), each in its own child process pinned to one core:
   photos fall back to `load_pixels` and `render`. Skipped when jpeglib is not installed.
 - naive: open, convert the whole picture to RGBA, draw band and text on an RGBA overlay,
   `alpha_composite`, convert back to RGB and save at quality 85 with `optimize=True`.
-- floor: decode and encode at quality 85 with nothing drawn, the least any re-encoding stage does.
+- floor: decode and encode at quality 85 with nothing drawn, the least any re-encoding stage does,
+  with Pillow as installed.
+- floor-kept: the floor with the watermark function's Pillow memory setting, to show how much of
+  render's speed comes from that setting alone.
+
+render, band and floor-kept run with the environment the deployed watermark function has
+(`functions.watermark.settings.PILLOW_ENVIRONMENT`: Pillow keeps freed image memory for the next image);
+naive and floor run with Pillow as installed.
 
 Each child reports images per second and its peak memory: the peak resident size (VmHWM) of the
 child minus its resident size after imports and a warm-up, that is what the images themselves
@@ -42,7 +49,9 @@ from bench.common import (
     write_camera_photos,
 )
 
-VARIANTS = ("render", "band", "naive", "floor")
+VARIANTS = ("render", "band", "naive", "floor", "floor-kept")
+# Variants that run with the deployed watermark function's environment.
+STAGE_SETTING_VARIANTS = ("render", "band", "floor-kept")
 TEXT = "Cat  ·  Mammal  ·  Animal"
 DEFAULT_PHOTOS = Path("/tmp/labelmark-bench/camera")
 
@@ -109,7 +118,13 @@ def _warm_up_jpeg() -> bytes:
 def run_variant(variant: str, photos: list[Path], rounds: int) -> dict[str, float]:
     """Process PHOTOS ROUNDS times with VARIANT in this process; return speed and memory."""
     pin_one_core()
-    process = {"render": _render, "band": _band, "naive": _naive, "floor": _floor}[variant]
+    process = {
+        "render": _render,
+        "band": _band,
+        "naive": _naive,
+        "floor": _floor,
+        "floor-kept": _floor,
+    }[variant]
     process(_warm_up_jpeg())
     baseline = current_rss_mib()
     reset_peak_rss()
@@ -161,6 +176,7 @@ def main() -> None:
         return
 
     from bench.band_rewrite import rewrite_available
+    from functions.watermark.settings import PILLOW_ENVIRONMENT
 
     variants = [v for v in VARIANTS if v != "band" or rewrite_available()]
     results = {
@@ -173,11 +189,13 @@ def main() -> None:
                 str(args.rounds),
                 "--photos",
                 str(args.photos),
-            ]
+            ],
+            env=PILLOW_ENVIRONMENT if variant in STAGE_SETTING_VARIANTS else None,
         )
         for variant in variants
     }
     render, naive, floor = results["render"], results["naive"], results["floor"]
+    floor_kept = results["floor-kept"]
     ratios = {
         "throughput_vs_naive": render["images_per_second"] / naive["images_per_second"],
         "peak_memory_vs_naive": render["peak_mib"] / naive["peak_mib"],
@@ -186,6 +204,9 @@ def main() -> None:
         / floor["upright_images_per_second"],
         "throughput_vs_floor_sideways": render["sideways_images_per_second"]
         / floor["sideways_images_per_second"],
+        "throughput_vs_floor_kept": render["images_per_second"] / floor_kept["images_per_second"],
+        "throughput_vs_floor_kept_upright": render["upright_images_per_second"]
+        / floor_kept["upright_images_per_second"],
     }
     if "band" in results:
         band = results["band"]
@@ -196,11 +217,11 @@ def main() -> None:
 
     print(f"{len(photos)} photos (8 to 12 MP JPEG) x {args.rounds} rounds, one core per variant")
     print(
-        f"{'variant':<8} {'images/s':>9} {'ms/image':>9} {'peak MiB':>9} {'RSS MiB':>8} {'out KiB':>8}"
+        f"{'variant':<10} {'images/s':>9} {'ms/image':>9} {'peak MiB':>9} {'RSS MiB':>8} {'out KiB':>8}"
     )
     for variant, result in results.items():
         print(
-            f"{variant:<8} {result['images_per_second']:9.2f} {1000 / result['images_per_second']:9.0f} "
+            f"{variant:<10} {result['images_per_second']:9.2f} {1000 / result['images_per_second']:9.0f} "
             f"{result['peak_mib']:9.0f} {result['peak_rss_mib']:8.0f} {result['mean_output_kib']:8.0f}"
         )
     print(f"throughput vs naive: {ratios['throughput_vs_naive']:.2f}x (target >= 1.5x)")
@@ -210,6 +231,10 @@ def main() -> None:
         f"  upright photos only: {ratios['throughput_vs_floor_upright']:.2f}x; sideways photos "
         f"only: {ratios['throughput_vs_floor_sideways']:.2f}x (the floor leaves them sideways, "
         "render turns them upright)"
+    )
+    print(
+        f"throughput vs floor-kept: {ratios['throughput_vs_floor_kept']:.2f}x; upright photos "
+        f"only: {ratios['throughput_vs_floor_kept_upright']:.2f}x (both with the function's memory setting)"
     )
     if "band" in results:
         print(f"band throughput vs render: {ratios['band_throughput_vs_render']:.2f}x")

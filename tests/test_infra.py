@@ -18,6 +18,7 @@ import pytest
 from aws_cdk import aws_iam as iam
 from aws_cdk.assertions import Template
 
+from functions.watermark.settings import PILLOW_ENVIRONMENT
 from infra.app import create_app
 from infra.definitions import (
     BACKFILL_FILE,
@@ -387,7 +388,9 @@ def test_functions_environment_defaults(synthesized: Synthesized) -> None:
     processed_ref = {"Ref": synthesized.logical_id(stack.processed_bucket)}
     for function in (stack.detect_function, stack.watermark_function, stack.store_function):
         variables = synthesized.properties(function)["Environment"]["Variables"]
+        only_watermark = PILLOW_ENVIRONMENT if function is stack.watermark_function else {}
         assert variables == {
+            **only_watermark,
             "PROCESSED_BUCKET": processed_ref,
             "OUTPUT_PREFIX": "watermarked-",
             "DETECTOR_BACKEND": "rekognition",
@@ -399,6 +402,20 @@ def test_functions_environment_defaults(synthesized: Synthesized) -> None:
             "POWERTOOLS_METRICS_NAMESPACE": "labelmark",
             "LOG_LEVEL": "INFO",
         }, function.node.path
+
+
+def test_watermark_environment_keeps_freed_image_memory_in_pillow() -> None:
+    # Pillow reads PILLOW_BLOCKS_MAX when PIL.Image is imported; a renamed variable would be
+    # ignored without a word, so a child process checks that the value takes effect.
+    script = "from PIL import Image\nprint(Image.core.get_blocks_max())"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **PILLOW_ENVIRONMENT},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(result.stdout) == int(PILLOW_ENVIRONMENT["PILLOW_BLOCKS_MAX"]) > 0
 
 
 def test_detect_reserved_concurrency_default(synthesized: Synthesized) -> None:
