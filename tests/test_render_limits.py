@@ -61,12 +61,34 @@ def test_tiff_page_over_pixel_limit_is_rejected() -> None:
         _render(data, "pages.tif", RenderOptions(max_pixels=5_000_000))
 
 
-def test_gif_without_trailer_is_rejected() -> None:
-    frames = [Image.new("P", (60, 40), index) for index in range(4)]
-    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+def _animated_gif() -> bytes:
+    frames = [Image.new("RGB", (60, 40), (index * 60, 255 - index * 60, 0)) for index in range(4)]
+    return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
 
-    with pytest.raises(CorruptImageError, match=r"'cut\.gif'.* no trailer"):
+
+def test_gif_without_trailer_is_rejected() -> None:
+    data = _animated_gif()
+
+    with pytest.raises(CorruptImageError, match=r"'cut\.gif'.* end before its trailer"):
         open_image(data[:-1], "cut.gif", ImageLimits())
+
+
+def test_gif_cut_at_every_byte_is_rejected() -> None:
+    # Some cuts end on a 0x3B byte of image data, which looks like the trailer at the end.
+    data = _animated_gif()
+
+    for length in range(len(b"GIF89a"), len(data)):
+        with pytest.raises(CorruptImageError, match="truncated"):
+            open_image(data[:length], "cut.gif", ImageLimits())
+
+
+def test_gif_with_bytes_after_trailer_is_accepted() -> None:
+    data = _animated_gif() + b"appended by an editor"
+
+    image = open_image(data, "padded.gif", ImageLimits())
+    load_pixels(image, "padded.gif")
+
+    assert image.n_frames == 4
 
 
 def test_png_without_iend_is_rejected() -> None:

@@ -173,16 +173,51 @@ def _check_complete(data: bytes, image_format: str | None, key: str) -> None:
     Pillow decodes the frames it finds, so an animation cut between two frames would otherwise be
     published with frames missing. A GIF ends with the trailer byte 0x3B and a PNG with its IEND
     chunk (a 4-byte length, `IEND`, a 4-byte checksum).
-    NOTE: a GIF with bytes after its trailer is taken for a truncated one.
     """
-    if image_format == "GIF" and not data.rstrip(b"\x00").endswith(b"\x3b"):
-        raise CorruptImageError(f"cannot read '{key}': the GIF has no trailer, so it is truncated")
+    if image_format == "GIF" and not _gif_reaches_trailer(data):
+        raise CorruptImageError(
+            f"cannot read '{key}': the GIF's blocks end before its trailer, so it is truncated "
+            "or damaged"
+        )
     # The IEND chunk has no data, so its checksum is always AE 42 60 82. Some tools append bytes
     # after it, which decoders ignore, so it is searched for anywhere, not only at the end.
     if image_format == "PNG" and data.rfind(b"IEND\xae\x42\x60\x82") == -1:
         raise CorruptImageError(
             f"cannot read '{key}': the PNG has no IEND chunk, so it is truncated"
         )
+
+
+def _gif_reaches_trailer(data: bytes) -> bool:
+    """Return True when the blocks of the GIF in DATA, read from its header, reach the trailer.
+
+    The blocks are walked, not the last byte checked, because tools may append bytes after the
+    trailer, and a 0x3B byte at the end of a cut file can be image data.
+    """
+    if len(data) < 13:
+        return False
+    position = 13 + _color_table_size(data[10])  # header, screen descriptor, global color table
+    while position < len(data):
+        block = data[position]
+        if block == 0x3B:
+            return True
+        if block == 0x21:  # extension: introducer, label, then data sub-blocks
+            position += 2
+        elif block == 0x2C:  # image: descriptor, local color table, LZW code size, sub-blocks
+            if position + 10 > len(data):
+                return False
+            position += 10 + _color_table_size(data[position + 9]) + 1
+        else:
+            return False
+        # Data sub-blocks, each a length byte and that many bytes, up to an empty one.
+        while position < len(data) and data[position] != 0:
+            position += 1 + data[position]
+        position += 1
+    return False
+
+
+def _color_table_size(flags: int) -> int:
+    """Return the size in bytes of the color table that a GIF descriptor's FLAGS announce."""
+    return 3 << ((flags & 0x07) + 1) if flags & 0x80 else 0
 
 
 # The first bytes of each supported format. HEIC and AVIF are ISO media files, whose `ftyp` box
