@@ -82,6 +82,16 @@ def test_gif_cut_at_every_byte_is_rejected() -> None:
             open_image(data[:length], "cut.gif", ImageLimits())
 
 
+def test_gif_with_stray_byte_before_trailer_is_accepted() -> None:
+    data = _animated_gif()
+    data = data[:-1] + b"\x00" + data[-1:]
+
+    image = open_image(data, "stray.gif", ImageLimits())
+    load_pixels(image, "stray.gif")
+
+    assert image.n_frames == 4
+
+
 def test_gif_with_bytes_after_trailer_is_accepted() -> None:
     data = _animated_gif() + b"appended by an editor"
 

@@ -207,7 +207,9 @@ def _gif_reaches_trailer(data: bytes) -> bool:
                 return False
             position += 10 + _color_table_size(data[position + 9]) + 1
         else:
-            return False
+            # A stray byte between blocks, which Pillow's reader skips too.
+            position += 1
+            continue
         # Data sub-blocks, each a length byte and that many bytes, up to an empty one.
         while position < len(data) and data[position] != 0:
             position += 1 + data[position]
