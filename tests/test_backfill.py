@@ -175,6 +175,21 @@ def test_backfill_cli_local_leaves_out_files_over_limit(
     assert "1 objects under old/: 1 succeeded" in result.output
 
 
+def test_backfill_cli_local_names_dangling_link(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    _write_photos(photos, 1)
+    (photos / "dangling.jpg").symlink_to(tmp_path / "moved-away.jpg")
+
+    result = CliRunner().invoke(
+        main, ["backfill", "old/", "--from", str(photos), "--out", str(tmp_path / "out")]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "left out 1 entry that is not a regular file" in result.output
+    assert "dangling.jpg" in result.output
+    assert "1 objects under old/: 1 succeeded" in result.output
+
+
 def test_backfill_cli_local_needs_from() -> None:
     result = CliRunner().invoke(main, ["backfill", "old/"])
 

@@ -438,6 +438,22 @@ def test_run_leaves_out_names_not_utf8(tmp_path: Path) -> None:
     assert "not valid UTF-8" in named_run.output
 
 
+def test_run_names_folder_entries_not_files(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(photos / "good.jpg")
+    (photos / "dangling.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    os.mkfifo(photos / "pipe.jpg")
+
+    result = CliRunner().invoke(main, ["run", str(photos), "--out", str(tmp_path / "out")])
+
+    assert result.exit_code == 0, result.output
+    assert "left out 2 entries that are not regular files" in result.output
+    assert "dangling.jpg" in result.output
+    assert "pipe.jpg" in result.output
+    assert "1 image " in result.output
+
+
 @pytest.mark.parametrize(
     ("workers", "images", "expected"),
     [

@@ -43,6 +43,7 @@ def upload_folder(
     skip: Iterable[Path] = (),
     left_out: list[Path] | None = None,
     invalid_names: list[Path] | None = None,
+    not_files: list[Path] | None = None,
     too_large: list[Path] | None = None,
 ) -> list[str]:
     """Put each photo under FOLDER into the local source bucket as PREFIX + its relative path.
@@ -50,13 +51,16 @@ def upload_folder(
     The files are chosen as `labelmark run` chooses a folder's files: hidden files, files under
     SKIP (the output and state folders) and files with a suffix in NOT_PHOTO_SUFFIXES (added to
     LEFT_OUT) are left out, so that earlier results and the run records are not taken for photos.
-    Files whose names are not valid UTF-8 are left out and added to INVALID_NAMES, and files
-    larger than MAX_OBJECT_BYTES are left out, unread, and added to TOO_LARGE.
+    Files whose names are not valid UTF-8 are left out and added to INVALID_NAMES, entries that
+    are not regular files to NOT_FILES, and files larger than MAX_OBJECT_BYTES are left out,
+    unread, and added to TOO_LARGE.
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"folder to backfill from not found: {folder}")
     keys = []
-    photos = folder_photos(folder, skip=skip, left_out=left_out, invalid_names=invalid_names)
+    photos = folder_photos(
+        folder, skip=skip, left_out=left_out, invalid_names=invalid_names, not_files=not_files
+    )
     for path, relative in photos:
         if path.stat().st_size > engine.max_object_bytes:
             # Detect would reject it by its size; reading it to upload it could exhaust memory.

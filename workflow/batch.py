@@ -30,6 +30,7 @@ __all__ = [
     "collect_inputs",
     "describe_invalid_names",
     "describe_left_out",
+    "describe_not_files",
     "folder_photos",
     "published_trees",
     "remove_failure_record",
@@ -94,20 +95,27 @@ def folder_photos(
     skip: Iterable[Path] = (),
     left_out: list[Path] | None = None,
     invalid_names: list[Path] | None = None,
+    not_files: list[Path] | None = None,
 ) -> Iterator[tuple[Path, str]]:
     """Yield each photo file under FOLDER with its path relative to FOLDER, sorted by path.
 
     Symbolic links to folders are followed, each folder once, so a link back up the tree ends.
     Hidden files and folders (starting with `.`) and everything in the SKIP folders are left
-    out. Files whose suffix is in NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT, and
-    files whose path is not valid UTF-8, which an S3 key must be, are added to INVALID_NAMES.
+    out. Files whose suffix is in NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT,
+    files whose path is not valid UTF-8, which an S3 key must be, are added to INVALID_NAMES,
+    and entries that are not regular files (links to missing files, pipes, sockets, devices)
+    are added to NOT_FILES.
     """
     skipped = list(skip)
     for file in sorted(_files_under(folder)):
         relative = file.relative_to(folder)
-        if not file.is_file() or any(part.startswith(".") for part in relative.parts):
+        if any(part.startswith(".") for part in relative.parts):
             continue
         if is_inside(file, skipped):
+            continue
+        if not file.is_file():
+            if not_files is not None:
+                not_files.append(file)
             continue
         if not _is_utf8(relative.as_posix()):
             if invalid_names is not None:
@@ -183,6 +191,17 @@ def describe_invalid_names(invalid_names: list[Path]) -> str:
     )
 
 
+def describe_not_files(not_files: list[Path]) -> str:
+    """Return a line naming the folder entries left out because they are not regular files."""
+    names = ", ".join(f"'{printable(str(path))}'" for path in not_files[:5])
+    more = f" and {len(not_files) - 5} more" if len(not_files) > 5 else ""
+    return (
+        f"left out {len(not_files)} entr{'y' if len(not_files) == 1 else 'ies'} that "
+        f"{'is not a regular file' if len(not_files) == 1 else 'are not regular files'} "
+        f"(a link to a missing file, a pipe, a socket or a device): {names}{more}"
+    )
+
+
 def describe_left_out(left_out: list[Path]) -> str:
     """Return a line with the count of files left out by suffix, and their suffixes."""
     suffixes = ", ".join(sorted({path.suffix.lower() for path in left_out}))
@@ -200,6 +219,7 @@ def collect_inputs(
     skip: Iterable[Path] = (),
     left_out: list[Path] | None = None,
     invalid_names: list[Path] | None = None,
+    not_files: list[Path] | None = None,
 ) -> list[InputFile]:
     """Return every file under PATHS with its key: a folder's files keep their relative paths.
 
@@ -209,7 +229,8 @@ def collect_inputs(
     or an earlier run's results for new photos. A folder's files whose suffix is in
     NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT; a file named in PATHS always runs.
     A folder's files whose names are not valid UTF-8 are added to INVALID_NAMES, and such a
-    file named in PATHS is an error, as are two inputs that map to one key.
+    file named in PATHS is an error, as are two inputs that map to one key. A folder's entries
+    that are not regular files are added to NOT_FILES.
     """
     skipped = list(skip)
     inputs: list[InputFile] = []
@@ -221,7 +242,11 @@ def collect_inputs(
         if path.is_dir():
             base = path.resolve().name or "root"
             photos = folder_photos(
-                path, skip=skipped, left_out=left_out, invalid_names=invalid_names
+                path,
+                skip=skipped,
+                left_out=left_out,
+                invalid_names=invalid_names,
+                not_files=not_files,
             )
             for file, relative in photos:
                 inputs.append(InputFile(file, f"{base}/{relative}"))

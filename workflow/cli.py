@@ -134,11 +134,13 @@ def run(
     try:
         left_out: list[Path] = []
         invalid_names: list[Path] = []
+        not_files: list[Path] = []
         inputs = collect_inputs(
             paths,
             skip=[*own_folders.values(), *earlier_results],
             left_out=left_out,
             invalid_names=invalid_names,
+            not_files=not_files,
         )
     except InputError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -149,6 +151,8 @@ def run(
         )
     if invalid_names:
         console.print(escape(batch.describe_invalid_names(invalid_names)), soft_wrap=True)
+    if not_files:
+        console.print(escape(batch.describe_not_files(not_files)), soft_wrap=True)
     if not inputs:
         raise click.UsageError(_no_photos_message(paths, own_folders))
     workers = _fit_workers(console, workers, len(inputs))

@@ -171,7 +171,12 @@ def _backfill_local(
     console: Console, prefix: str, from_dir: Path, max_concurrency: int, detector: str, out: Path
 ) -> dict:
     from workflow.backfill import backfill_local, upload_folder
-    from workflow.batch import describe_invalid_names, describe_left_out, published_trees
+    from workflow.batch import (
+        describe_invalid_names,
+        describe_left_out,
+        describe_not_files,
+        published_trees,
+    )
     from workflow.engine import EngineConfig, LocalEngine
 
     # moto logs each caught task failure with the whole state; the results file has the error.
@@ -192,6 +197,7 @@ def _backfill_local(
         with LocalEngine(EngineConfig(detector=detector), recorder=recorder) as engine:
             left_out: list[Path] = []
             invalid_names: list[Path] = []
+            not_files: list[Path] = []
             too_large: list[Path] = []
             upload_folder(
                 engine,
@@ -204,6 +210,7 @@ def _backfill_local(
                 ],
                 left_out=left_out,
                 invalid_names=invalid_names,
+                not_files=not_files,
                 too_large=too_large,
             )
             if too_large:
@@ -217,6 +224,8 @@ def _backfill_local(
                 console.print(escape(describe_left_out(left_out)))
             if invalid_names:
                 console.print(escape(describe_invalid_names(invalid_names)))
+            if not_files:
+                console.print(escape(describe_not_files(not_files)))
             document = backfill_local(
                 engine, prefix, max_concurrency=max_concurrency, on_result=report, out_dir=out
             )
