@@ -353,6 +353,49 @@ def test_serve_deleted_image_not_found(
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_serve_shows_image_written_by_run(tmp_path: Path) -> None:
+    # GIVEN a photo run by `labelmark run`, whose objects ended with that command
+    from click.testing import CliRunner
+
+    from workflow.cli import main
+
+    photo = tmp_path / "desk.jpg"
+    photo.write_bytes(jpeg_bytes())
+    out = tmp_path / "out"
+    state = tmp_path / "state"
+    result = CliRunner().invoke(
+        main, ["run", str(photo), "--out", str(out), "--state-dir", str(state)]
+    )
+    assert result.exit_code == 0, result.output
+
+    # WHEN serve starts on the same state folder and the page requests the run's image
+    running = LocalStack(state, config=EngineConfig(detector="rekognition", real_rekognition=False))
+    running.start()
+    try:
+        name = _run_of(running, "desk.jpg", "SUCCEEDED")
+        port = urlsplit(running.web_url).port
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("GET", f"/api/executions/{name}/image")
+        response = connection.getresponse()
+
+        # THEN it gets the file the run wrote
+        assert response.status == 200
+        assert response.getheader("Content-Type") == "image/jpeg"
+        assert response.read() == (out / "watermarked-desk.jpg").read_bytes()
+        connection.close()
+
+        # WHEN other content's result replaces that file, THEN the run's image is not found
+        sidecar = out / "watermarked-desk.jpg.labels.json"
+        document = json.loads(sidecar.read_text(encoding="utf-8"))
+        document["source"]["etag"] = "0" * 32
+        sidecar.write_text(json.dumps(document), encoding="utf-8")
+        status, _, body = _request(running, "GET", f"/api/executions/{name}/image")
+        assert status == 404
+        assert "no longer exists" in body["error"]
+    finally:
+        running.stop()
+
+
 def test_serve_unexpected_error_internal_error(
     stack: tuple[LocalStack, threading.Event],
     monkeypatch: pytest.MonkeyPatch,

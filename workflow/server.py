@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
+from functions.watermark.render import CONTENT_TYPES
 from workflow.dispatch import FaultHook
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine, object_created_event
+from workflow.localfiles import key_to_path
 from workflow.records import (
     FAILED_STATUSES,
     EventRecord,
@@ -362,7 +364,10 @@ class LocalStack:
         s3 = self.engine.s3
         try:
             response = s3.get_object(Bucket=output["bucket"], Key=output["key"])
-        except s3.exceptions.NoSuchKey as exc:
+        except (s3.exceptions.NoSuchKey, s3.exceptions.NoSuchBucket) as exc:
+            written = self._written_image(record, output)
+            if written is not None:
+                return written
             location = f"s3://{output['bucket']}/{output['key']}"
             logger.warning(
                 "image of %s not found: %s was deleted", printable(name), printable(location)
@@ -371,6 +376,28 @@ class LocalStack:
         return response["Body"].read(), str(
             response.get("ContentType") or "application/octet-stream"
         )
+
+    def _written_image(
+        self, record: ExecutionRecord, output: dict[str, Any]
+    ) -> tuple[bytes, str] | None:
+        """Return the image and content type that RECORD's run wrote to a folder, if still there.
+
+        `labelmark run` keeps its objects in memory for one command only, so the images of its
+        runs exist only in the folders it wrote them to. A file there counts only while the
+        sidecar next to it names this run's upload (its ETag): a later run of other content with
+        the same key replaces both files.
+        """
+        for folder in self.store.output_folders(record.name):
+            try:
+                sidecar = json.loads(key_to_path(folder, output["sidecarKey"]).read_bytes())
+                if sidecar["source"]["etag"] != record.source_etag:
+                    continue
+                data = key_to_path(folder, output["key"]).read_bytes()
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            image_format = str(sidecar.get("image", {}).get("format", ""))
+            return data, CONTENT_TYPES.get(image_format, "application/octet-stream")
+        return None
 
 
 def error_message(cause: str | None) -> str | None:
