@@ -151,3 +151,16 @@ def test_band_on_bottom_strip_matches_whole_image() -> None:
     # THEN the strip has the same pixels as the whole picture's bottom rows
     assert np.array_equal(np.asarray(strip), np.asarray(whole)[top:])
     assert not np.array_equal(np.asarray(whole)[top:], np.asarray(image)[top:])
+
+
+def test_cmyk_band_darkens_like_rgb_band() -> None:
+    photo = Image.new("RGB", (600, 400), (200, 150, 100))
+    bands = {}
+    for mode in ("RGB", "CMYK"):
+        data = _encode(photo.convert(mode), "JPEG", quality=95)
+        rendered = _render(data, f"photo-{mode}.jpg").convert("RGB")
+        # The band's right end, where no text is drawn.
+        bands[mode] = np.asarray(rendered, dtype=float)[-10:, -40:].reshape(-1, 3).mean(axis=0)
+
+    assert bands["RGB"].max() < 120
+    assert np.abs(bands["CMYK"] - bands["RGB"]).max() < 4

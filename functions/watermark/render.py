@@ -250,6 +250,12 @@ def _darken(band: Image.Image) -> Image.Image:
         # opaque, which reveals the colour they hid. Compositing a black layer does not.
         layer = Image.new("RGBA", band.size, (0, 0, 0, round(255 * BAND_OPACITY)))
         return Image.alpha_composite(band.convert("RGBA"), layer).convert(band.mode)
+    if band.mode == "CMYK":
+        # Blending ink values towards pure black ink takes coloured ink away while it adds black,
+        # which greys the band more than it darkens it. The band is darkened as RGB light instead.
+        rgb = band.convert("RGB")
+        dark_rgb = Image.new("RGB", rgb.size, _BLACK["RGB"])
+        return Image.blend(rgb, dark_rgb, BAND_OPACITY).convert("CMYK")
     dark = Image.new(band.mode, band.size, _BLACK[band.mode])
     return Image.blend(band, dark, BAND_OPACITY)
 
