@@ -190,6 +190,33 @@ def test_backfill_cli_local_names_dangling_link(tmp_path: Path) -> None:
     assert "1 objects under old/: 1 succeeded" in result.output
 
 
+def test_backfill_cli_local_names_unreadable_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photos = tmp_path / "photos"
+    _write_photos(photos, 1)
+    locked = photos / "locked.jpg"
+    Image.new("RGB", (64, 48), (40, 200, 40)).save(locked)
+    # Tests may run as root, for whom permissions do not stop a read, so it fails here.
+    reading = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:
+        if path.name == "locked.jpg":
+            raise PermissionError(13, "Permission denied", str(path))
+        return reading(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+    result = CliRunner().invoke(
+        main, ["backfill", "old/", "--from", str(photos), "--out", str(tmp_path / "out")]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "left out 1 file(s) or folder(s) that could not be read" in result.output
+    assert "locked.jpg" in result.output
+    assert "1 objects under old/: 1 succeeded" in result.output
+
+
 def test_backfill_cli_local_needs_from() -> None:
     result = CliRunner().invoke(main, ["backfill", "old/"])
 

@@ -454,6 +454,34 @@ def test_run_names_folder_entries_not_files(tmp_path: Path) -> None:
     assert "1 image " in result.output
 
 
+def test_run_names_link_loop_and_unreadable_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photos = tmp_path / "photos"
+    (photos / "locked").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(photos / "good.jpg")
+    Image.new("RGB", (64, 48), (40, 200, 40)).save(photos / "locked" / "hidden.jpg")
+    (photos / "loop.jpg").symlink_to("loop.jpg")
+    # Tests may run as root, for whom permissions do not stop a listing, so it fails here.
+    listing = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+    result = CliRunner().invoke(main, ["run", str(photos), "--out", str(tmp_path / "out")])
+
+    assert result.exit_code == 0, result.output
+    assert "left out 1 entry that is not a regular file" in result.output
+    assert "loop.jpg" in result.output
+    assert "left out 1 file(s) or folder(s) that could not be read" in result.output
+    assert "locked" in result.output
+    assert "1 image " in result.output
+
+
 @pytest.mark.parametrize(
     ("workers", "images", "expected"),
     [

@@ -82,14 +82,22 @@ def test_gif_cut_at_every_byte_is_rejected() -> None:
             open_image(data[:length], "cut.gif", ImageLimits())
 
 
-def test_gif_with_stray_byte_before_trailer_is_accepted() -> None:
+def test_gif_with_stray_byte_before_trailer_is_rejected() -> None:
     data = _animated_gif()
     data = data[:-1] + b"\x00" + data[-1:]
 
-    image = open_image(data, "stray.gif", ImageLimits())
-    load_pixels(image, "stray.gif")
+    with pytest.raises(CorruptImageError, match=r"'stray\.gif'.* truncated or damaged"):
+        open_image(data, "stray.gif", ImageLimits())
 
-    assert image.n_frames == 4
+
+def test_gif_with_trailer_before_frames_is_rejected() -> None:
+    # A damaged byte that reads as the trailer would hide the frames after it.
+    data = _animated_gif()
+    second_frame = data.index(b"\x21\xf9", data.index(b"\x2c"))
+    damaged = data[:second_frame] + b"\x3b" + data[second_frame:]
+
+    with pytest.raises(CorruptImageError, match=r"'early\.gif'.* truncated or damaged"):
+        open_image(damaged, "early.gif", ImageLimits())
 
 
 def test_gif_with_bytes_after_trailer_is_accepted() -> None:

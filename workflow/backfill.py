@@ -44,6 +44,7 @@ def upload_folder(
     left_out: list[Path] | None = None,
     invalid_names: list[Path] | None = None,
     not_files: list[Path] | None = None,
+    unreadable: list[Path] | None = None,
     too_large: list[Path] | None = None,
 ) -> list[str]:
     """Put each photo under FOLDER into the local source bucket as PREFIX + its relative path.
@@ -52,23 +53,35 @@ def upload_folder(
     SKIP (the output and state folders) and files with a suffix in NOT_PHOTO_SUFFIXES (added to
     LEFT_OUT) are left out, so that earlier results and the run records are not taken for photos.
     Files whose names are not valid UTF-8 are left out and added to INVALID_NAMES, entries that
-    are not regular files to NOT_FILES, and files larger than MAX_OBJECT_BYTES are left out,
-    unread, and added to TOO_LARGE.
+    are not regular files to NOT_FILES, files and folders that cannot be read to UNREADABLE, and
+    files larger than MAX_OBJECT_BYTES are left out, unread, and added to TOO_LARGE.
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"folder to backfill from not found: {folder}")
     keys = []
     photos = folder_photos(
-        folder, skip=skip, left_out=left_out, invalid_names=invalid_names, not_files=not_files
+        folder,
+        skip=skip,
+        left_out=left_out,
+        invalid_names=invalid_names,
+        not_files=not_files,
+        unreadable=unreadable,
     )
     for path, relative in photos:
-        if path.stat().st_size > engine.max_object_bytes:
-            # Detect would reject it by its size; reading it to upload it could exhaust memory.
-            if too_large is not None:
-                too_large.append(path)
+        try:
+            if path.stat().st_size > engine.max_object_bytes:
+                # Detect would reject it by its size; reading it to upload it could exhaust memory.
+                if too_large is not None:
+                    too_large.append(path)
+                continue
+            data = path.read_bytes()
+        except OSError:
+            # Unreadable, or gone since the folder was listed: the other photos still run.
+            if unreadable is not None:
+                unreadable.append(path)
             continue
         key = prefix + relative
-        engine.upload(key, path.read_bytes())
+        engine.upload(key, data)
         keys.append(key)
     return keys
 

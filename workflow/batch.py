@@ -31,6 +31,7 @@ __all__ = [
     "describe_invalid_names",
     "describe_left_out",
     "describe_not_files",
+    "describe_unreadable",
     "folder_photos",
     "published_trees",
     "remove_failure_record",
@@ -96,6 +97,7 @@ def folder_photos(
     left_out: list[Path] | None = None,
     invalid_names: list[Path] | None = None,
     not_files: list[Path] | None = None,
+    unreadable: list[Path] | None = None,
 ) -> Iterator[tuple[Path, str]]:
     """Yield each photo file under FOLDER with its path relative to FOLDER, sorted by path.
 
@@ -103,15 +105,21 @@ def folder_photos(
     Hidden files and folders (starting with `.`) and everything in the SKIP folders are left
     out. Files whose suffix is in NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT,
     files whose path is not valid UTF-8, which an S3 key must be, are added to INVALID_NAMES,
-    and entries that are not regular files (links to missing files, pipes, sockets, devices)
-    are added to NOT_FILES.
+    entries that are not regular files (links to missing files, link loops, pipes, sockets,
+    devices) are added to NOT_FILES, and folders that cannot be listed to UNREADABLE.
     """
     skipped = list(skip)
-    for file in sorted(_files_under(folder)):
+    for file in sorted(_files_under(folder, unreadable)):
         relative = file.relative_to(folder)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        if is_inside(file, skipped):
+        try:
+            in_skipped_folder = is_inside(file, skipped)
+        except (OSError, RuntimeError):
+            # A link loop cannot be resolved (RuntimeError before Python 3.13), and it is no
+            # file either.
+            in_skipped_folder = False
+        if in_skipped_folder:
             continue
         if not file.is_file():
             if not_files is not None:
@@ -128,10 +136,18 @@ def folder_photos(
         yield file, relative.as_posix()
 
 
-def _files_under(folder: Path) -> Iterator[Path]:
-    """Yield every path under FOLDER that is not a folder, following links to folders once."""
+def _files_under(folder: Path, unreadable: list[Path] | None = None) -> Iterator[Path]:
+    """Yield every path under FOLDER that is not a folder, following links to folders once.
+
+    Folders that cannot be listed are added to UNREADABLE.
+    """
+
+    def note_unreadable(error: OSError) -> None:
+        if unreadable is not None and error.filename is not None:
+            unreadable.append(Path(error.filename))
+
     seen: set[str] = set()
-    for root, folders, files in os.walk(folder, followlinks=True):
+    for root, folders, files in os.walk(folder, onerror=note_unreadable, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
             # Reached again through a link (or a link loop): its files were listed already.
@@ -198,7 +214,17 @@ def describe_not_files(not_files: list[Path]) -> str:
     return (
         f"left out {len(not_files)} entr{'y' if len(not_files) == 1 else 'ies'} that "
         f"{'is not a regular file' if len(not_files) == 1 else 'are not regular files'} "
-        f"(a link to a missing file, a pipe, a socket or a device): {names}{more}"
+        f"(a link to a missing file, a link loop, a pipe, a socket or a device): {names}{more}"
+    )
+
+
+def describe_unreadable(unreadable: list[Path]) -> str:
+    """Return a line naming the files and folders left out because they could not be read."""
+    names = ", ".join(f"'{printable(str(path))}'" for path in unreadable[:5])
+    more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+    return (
+        f"left out {len(unreadable)} file(s) or folder(s) that could not be read: {names}{more}; "
+        "check their permissions"
     )
 
 
@@ -220,6 +246,7 @@ def collect_inputs(
     left_out: list[Path] | None = None,
     invalid_names: list[Path] | None = None,
     not_files: list[Path] | None = None,
+    unreadable: list[Path] | None = None,
 ) -> list[InputFile]:
     """Return every file under PATHS with its key: a folder's files keep their relative paths.
 
@@ -230,7 +257,8 @@ def collect_inputs(
     NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT; a file named in PATHS always runs.
     A folder's files whose names are not valid UTF-8 are added to INVALID_NAMES, and such a
     file named in PATHS is an error, as are two inputs that map to one key. A folder's entries
-    that are not regular files are added to NOT_FILES.
+    that are not regular files are added to NOT_FILES, and its subfolders that cannot be listed
+    to UNREADABLE.
     """
     skipped = list(skip)
     inputs: list[InputFile] = []
@@ -247,6 +275,7 @@ def collect_inputs(
                 left_out=left_out,
                 invalid_names=invalid_names,
                 not_files=not_files,
+                unreadable=unreadable,
             )
             for file, relative in photos:
                 inputs.append(InputFile(file, f"{base}/{relative}"))

@@ -135,12 +135,14 @@ def run(
         left_out: list[Path] = []
         invalid_names: list[Path] = []
         not_files: list[Path] = []
+        unreadable: list[Path] = []
         inputs = collect_inputs(
             paths,
             skip=[*own_folders.values(), *earlier_results],
             left_out=left_out,
             invalid_names=invalid_names,
             not_files=not_files,
+            unreadable=unreadable,
         )
     except InputError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -153,6 +155,8 @@ def run(
         console.print(escape(batch.describe_invalid_names(invalid_names)), soft_wrap=True)
     if not_files:
         console.print(escape(batch.describe_not_files(not_files)), soft_wrap=True)
+    if unreadable:
+        console.print(escape(batch.describe_unreadable(unreadable)), soft_wrap=True)
     if not inputs:
         raise click.UsageError(_no_photos_message(paths, own_folders))
     workers = _fit_workers(console, workers, len(inputs))

@@ -175,6 +175,7 @@ def _backfill_local(
         describe_invalid_names,
         describe_left_out,
         describe_not_files,
+        describe_unreadable,
         published_trees,
     )
     from workflow.engine import EngineConfig, LocalEngine
@@ -198,6 +199,7 @@ def _backfill_local(
             left_out: list[Path] = []
             invalid_names: list[Path] = []
             not_files: list[Path] = []
+            unreadable: list[Path] = []
             too_large: list[Path] = []
             upload_folder(
                 engine,
@@ -211,6 +213,7 @@ def _backfill_local(
                 left_out=left_out,
                 invalid_names=invalid_names,
                 not_files=not_files,
+                unreadable=unreadable,
                 too_large=too_large,
             )
             if too_large:
@@ -226,6 +229,8 @@ def _backfill_local(
                 console.print(escape(describe_invalid_names(invalid_names)))
             if not_files:
                 console.print(escape(describe_not_files(not_files)))
+            if unreadable:
+                console.print(escape(describe_unreadable(unreadable)))
             document = backfill_local(
                 engine, prefix, max_concurrency=max_concurrency, on_result=report, out_dir=out
             )

@@ -191,30 +191,52 @@ def _gif_reaches_trailer(data: bytes) -> bool:
     """Return True when the blocks of the GIF in DATA, read from its header, reach the trailer.
 
     The blocks are walked, not the last byte checked, because tools may append bytes after the
-    trailer, and a 0x3B byte at the end of a cut file can be image data.
+    trailer, and a 0x3B byte at the end of a cut file can be image data. A byte between blocks
+    that starts no block means damage. So do further frames after the trailer: a damaged file
+    can have a 0x3B where a block should start, and decoders stop there. Such frames are found
+    by a block chain right after the trailer or by a frame's graphic control extension anywhere
+    after it.
     """
     if len(data) < 13:
         return False
-    position = 13 + _color_table_size(data[10])  # header, screen descriptor, global color table
+    # Header, logical screen descriptor, global color table.
+    end = _gif_blocks_end(data, 13 + _color_table_size(data[10]))
+    if end is None:
+        return False
+    rest = end + 1
+    if rest >= len(data):
+        return True
+    if data[rest] in _GIF_BLOCK_STARTS and _gif_blocks_end(data, rest) is not None:
+        return False
+    return data.find(_GIF_GRAPHIC_CONTROL, rest) == -1
+
+
+# First bytes of a GIF extension and of an image descriptor.
+_GIF_BLOCK_STARTS = (0x21, 0x2C)
+# Introducer, label and size of a graphic control extension, which animated GIFs put before
+# each frame.
+_GIF_GRAPHIC_CONTROL = b"\x21\xf9\x04"
+
+
+def _gif_blocks_end(data: bytes, position: int) -> int | None:
+    """Return the position of the trailer that the GIF blocks from POSITION end with, or None."""
     while position < len(data):
         block = data[position]
         if block == 0x3B:
-            return True
+            return position
         if block == 0x21:  # extension: introducer, label, then data sub-blocks
             position += 2
         elif block == 0x2C:  # image: descriptor, local color table, LZW code size, sub-blocks
             if position + 10 > len(data):
-                return False
+                return None
             position += 10 + _color_table_size(data[position + 9]) + 1
         else:
-            # A stray byte between blocks, which Pillow's reader skips too.
-            position += 1
-            continue
+            return None
         # Data sub-blocks, each a length byte and that many bytes, up to an empty one.
         while position < len(data) and data[position] != 0:
             position += 1 + data[position]
         position += 1
-    return False
+    return None
 
 
 def _color_table_size(flags: int) -> int:
