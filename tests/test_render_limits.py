@@ -69,7 +69,7 @@ def _animated_gif() -> bytes:
 def test_gif_without_trailer_is_rejected() -> None:
     data = _animated_gif()
 
-    with pytest.raises(CorruptImageError, match=r"'cut\.gif'.* end before its trailer"):
+    with pytest.raises(CorruptImageError, match=r"'cut\.gif'.* end cleanly at its trailer"):
         open_image(data[:-1], "cut.gif", ImageLimits())
 
 

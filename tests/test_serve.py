@@ -111,6 +111,17 @@ def test_serve_page_shows_runs_and_replays_failure(
         )
         expect(page.locator("#detail-error")).to_be_hidden()
 
+        # GIVEN an upload with a long key, THEN the other rows' status stays on one line
+        long_key = "export/" + "a" * 400 + ".jpg"
+        s3.put_object(Bucket="labelmark-source", Key=long_key, Body=jpeg_bytes(color=(9, 90, 9)))
+        long_row = page.locator("#executions tbody tr", has_text="aaaa")
+        expect(long_row.locator("td.status")).to_have_text("SUCCEEDED", timeout=20_000)
+        status_box = good.locator("td.status").bounding_box()
+        key_box = good.locator("td").nth(2).bounding_box()
+        assert status_box is not None and key_box is not None
+        assert status_box["height"] < 2 * key_box["height"]
+        assert status_box["width"] > 40
+
         # GIVEN an upload while Watermark fails, THEN the run fails with Watermark marked red
         broken.set()
         s3.put_object(Bucket="labelmark-source", Key="bad.jpg", Body=jpeg_bytes(color=(9, 9, 9)))
@@ -348,7 +359,8 @@ def test_serve_deleted_image_not_found(
     # The server's own line for the run's end may land in this window too, at INFO.
     warnings = [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert [record.getMessage() for record in warnings] == [
-        f"image of {name} not found: {location} was deleted"
+        f"image of {name} not found: {location} no longer exists, and no folder the run was "
+        "written to holds it unchanged"
     ]
     assert "Traceback" not in capfd.readouterr().err
 
@@ -378,11 +390,25 @@ def test_serve_shows_image_written_by_run(tmp_path: Path) -> None:
         connection.request("GET", f"/api/executions/{name}/image")
         response = connection.getresponse()
 
-        # THEN it gets the file the run wrote
+        # THEN it gets the file the run wrote, marked as not to be sniffed
         assert response.status == 200
         assert response.getheader("Content-Type") == "image/jpeg"
-        assert response.read() == (out / "watermarked-desk.jpg").read_bytes()
+        assert response.getheader("X-Content-Type-Options") == "nosniff"
+        published = out / "watermarked-desk.jpg"
+        assert response.read() == published.read_bytes()
         connection.close()
+
+        # WHEN the image is replaced by a page, or by a pipe, THEN it is not found, at once
+        original = published.read_bytes()
+        published.write_text("<html><script>alert(1)</script></html>", encoding="utf-8")
+        status, _, body = _request(running, "GET", f"/api/executions/{name}/image")
+        assert status == 404
+        published.unlink()
+        os.mkfifo(published)
+        status, _, body = _request(running, "GET", f"/api/executions/{name}/image")
+        assert status == 404
+        published.unlink()
+        published.write_bytes(original)
 
         # WHEN other content's result replaces that file, THEN the run's image is not found
         sidecar = out / "watermarked-desk.jpg.labels.json"
@@ -394,6 +420,20 @@ def test_serve_shows_image_written_by_run(tmp_path: Path) -> None:
         assert "no longer exists" in body["error"]
     finally:
         running.stop()
+
+
+def test_serve_superseded_failure_not_replayable(stack: tuple[LocalStack, threading.Event]) -> None:
+    # GIVEN a failed run whose key was uploaded again, with other content, and succeeded
+    running, broken = stack
+    name = _failed_upload(running, broken, "again.jpg")
+    s3 = boto3.client("s3", endpoint_url=running.s3_url, region_name="us-east-1")
+    s3.put_object(Bucket="labelmark-source", Key="again.jpg", Body=jpeg_bytes(color=(90, 9, 9)))
+    _run_of(running, "again.jpg", "SUCCEEDED")
+
+    # WHEN the page requests the failed run, THEN it offers no replay
+    _, _, detail = _request(running, "GET", f"/api/executions/{name}")
+    assert detail["status"] == "FAILED"
+    assert detail["replayable"] is False
 
 
 def test_serve_unexpected_error_internal_error(

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import io
 import json
 import logging
 import mimetypes
+import os
 import re
 import socket
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +27,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, unquote_plus, urlparse
 
+from functions.common.imaging import register_heif
 from functions.watermark.render import CONTENT_TYPES
 from workflow.dispatch import FaultHook
 from workflow.display import printable
@@ -287,7 +291,8 @@ class LocalStack:
                 self._runs.submit(self._run, event)
 
     def _run(self, event: dict[str, Any]) -> None:
-        key = printable(str(event["detail"]["object"]["key"]))
+        # Event keys are URL-encoded, as S3 sends them.
+        key = printable(unquote_plus(str(event["detail"]["object"]["key"])))
         try:
             result = self.engine.run(event)
         except Exception:
@@ -370,7 +375,10 @@ class LocalStack:
                 return written
             location = f"s3://{output['bucket']}/{output['key']}"
             logger.warning(
-                "image of %s not found: %s was deleted", printable(name), printable(location)
+                "image of %s not found: %s no longer exists, and no folder the run was written "
+                "to holds it unchanged",
+                printable(name),
+                printable(location),
             )
             raise ImageNotFound(f"the output image {location} no longer exists") from exc
         return response["Body"].read(), str(
@@ -389,14 +397,54 @@ class LocalStack:
         """
         for folder in self.store.output_folders(record.name):
             try:
-                sidecar = json.loads(key_to_path(folder, output["sidecarKey"]).read_bytes())
+                sidecar = json.loads(
+                    _read_regular_file(key_to_path(folder, output["sidecarKey"]), _SIDECAR_MAX)
+                )
                 if sidecar["source"]["etag"] != record.source_etag:
                     continue
-                data = key_to_path(folder, output["key"]).read_bytes()
+                described = sidecar["image"]
+                limit = self.engine.max_object_bytes
+                data = _read_regular_file(key_to_path(folder, output["key"]), limit)
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            image_format = str(sidecar.get("image", {}).get("format", ""))
-            return data, CONTENT_TYPES.get(image_format, "application/octet-stream")
+            if _image_header(data) == (
+                described.get("format"),
+                described.get("width"),
+                described.get("height"),
+            ):
+                return data, CONTENT_TYPES.get(str(described["format"]), "application/octet-stream")
+        return None
+
+
+# Largest sidecar read from an output folder; a real one is a few kilobytes.
+_SIDECAR_MAX = 1024 * 1024
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """Return the bytes of PATH, which must be a regular file of at most LIMIT bytes.
+
+    The file is opened without waiting, so a pipe put in its place cannot block the server, and
+    its type and size are checked on the opened file. Raises OSError otherwise.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as file:
+        status = os.fstat(file.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if status.st_size > limit:
+            raise OSError(f"{path} is {status.st_size} bytes, more than {limit}")
+        return file.read(limit + 1)[:limit]
+
+
+def _image_header(data: bytes) -> tuple[str | None, int, int] | None:
+    """Return the format, width and height that DATA's image header gives, or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    register_heif()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format, image.width, image.height
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return None
 
 
@@ -468,6 +516,8 @@ def summary(record: ExecutionRecord, failed_state: str | None = None) -> dict[st
 
 
 def _detail(stack: LocalStack, name: str) -> dict[str, Any] | None:
+    from workflow.replay import newer_upload
+
     record = stack.store.get(name)
     if record is None:
         return None
@@ -478,8 +528,11 @@ def _detail(stack: LocalStack, name: str) -> dict[str, Any] | None:
     succeeded = next((attempt.name for attempt in chain if attempt.status == "SUCCEEDED"), None)
     return {
         **summary(record, stack.failed_state(record)),
-        # A failed run whose chain already succeeded is not replayed again.
-        "replayable": record.status in FAILED_STATUSES and succeeded is None,
+        # A failed run whose chain already succeeded is not replayed again, nor one whose key
+        # was uploaded again since, because its replay would publish the old content.
+        "replayable": record.status in FAILED_STATUSES
+        and succeeded is None
+        and newer_upload(stack.store, chain[0]) is None,
         "replayedAs": succeeded if succeeded != name else None,
         "input": record.input,
         "output": record.output,
@@ -732,6 +785,9 @@ def _handler_for(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
             self._responded = True
             self.send_response(status)
             self.send_header("Content-Type", content_type)
+            # The browser keeps to the type given, so a file that is not the image it claims
+            # to be is not read as a page.
+            self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()

@@ -176,7 +176,7 @@ def _check_complete(data: bytes, image_format: str | None, key: str) -> None:
     """
     if image_format == "GIF" and not _gif_reaches_trailer(data):
         raise CorruptImageError(
-            f"cannot read '{key}': the GIF's blocks end before its trailer, so it is truncated "
+            f"cannot read '{key}': the GIF's blocks do not end cleanly at its trailer, so it is truncated "
             "or damaged"
         )
     # The IEND chunk has no data, so its checksum is always AE 42 60 82. Some tools append bytes
