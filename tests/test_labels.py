@@ -45,3 +45,17 @@ def test_headline_keeps_confidence_order_among_leaves() -> None:
 
 def test_headline_of_no_labels_is_empty() -> None:
     assert headline_names([], 3) == []
+
+
+def test_headline_puts_repeating_parent_last() -> None:
+    labels = [
+        _label("Cup", 93.8),
+        _label("Furniture", 88.0),
+        _label("Table", 85.0, "Furniture"),
+        _label("Dining Table", 80.0, "Table", "Furniture"),
+        _label("Espresso", 60.0, "Coffee Cup", "Cup"),
+        _label("Coffee Cup", 41.4, "Cup"),
+    ]
+
+    assert headline_names(labels, 3) == ["Dining Table", "Espresso", "Coffee Cup"]
+    assert headline_names(labels, 6)[-2:] == ["Table", "Cup"]

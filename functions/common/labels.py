@@ -14,6 +14,8 @@ def headline_names(labels: list[dict[str, Any]], count: int) -> list[str]:
     puts "Animal" before "Cat". A label that is another label's parent is listed after the labels
     that are nobody's parent. Among those parents, one with more ancestors is more specific
     ("Rocket" under "Aircraft" under "Vehicle") and comes first. Ties keep the confidence order.
+    A parent whose name ends a name listed before it ("Table" after "Dining Table") only repeats
+    it, so it goes after the other parents.
     """
     parents = {
         str(parent["Name"])
@@ -28,4 +30,11 @@ def headline_names(labels: list[dict[str, Any]], count: int) -> list[str]:
         for label in sorted(ranked, key=lambda label: -len(label.get("Parents", [])))
         if str(label["Name"]) in parents
     ]
-    return (specific + general)[:count]
+    listed = list(specific)
+    repeats = []
+    for name in general:
+        if any(other.lower().endswith(" " + name.lower()) for other in listed):
+            repeats.append(name)
+        else:
+            listed.append(name)
+    return (listed + repeats)[:count]
