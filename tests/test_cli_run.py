@@ -454,6 +454,16 @@ def test_run_names_folder_entries_not_files(tmp_path: Path) -> None:
     assert "1 image " in result.output
 
 
+def test_run_names_dangling_link_given(tmp_path: Path) -> None:
+    link = tmp_path / "moved.jpg"
+    link.symlink_to(tmp_path / "gone.jpg")
+
+    result = CliRunner().invoke(main, ["run", str(link), "--out", str(tmp_path / "out")])
+
+    assert result.exit_code == 2
+    assert "is a link to a missing file, or a link loop" in result.output
+
+
 def test_run_names_link_loop_and_unreadable_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

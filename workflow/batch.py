@@ -264,6 +264,10 @@ def collect_inputs(
     inputs: list[InputFile] = []
     for path in paths:
         if not path.exists():
+            if path.is_symlink():
+                raise InputError(
+                    f"input '{printable(str(path))}' is a link to a missing file, or a link loop"
+                )
             raise InputError(f"input '{printable(str(path))}' does not exist")
         if is_inside(path, skipped):
             continue
