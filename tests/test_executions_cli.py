@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -502,3 +505,41 @@ def test_executions_since_too_far_rejected(tmp_path: Path, since: str) -> None:
 
     assert result.exit_code == 2
     assert "reaches back before the year 1" in result.output
+
+
+def test_serve_stops_on_sigterm(tmp_path: Path) -> None:
+    # GIVEN serve running in its own process
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from workflow.cli import main; sys.exit(main())",
+        "serve",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--port",
+        "0",
+        "--s3-port",
+        "0",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "press Ctrl-C to stop" in line:
+                break
+
+        # WHEN it gets SIGTERM, as `kill` sends it
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        process.kill()
+
+    # THEN it stops as after Ctrl-C
+    assert "stopping" in output
+    assert process.returncode == 0

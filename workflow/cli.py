@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -20,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from workflow import batch
 from workflow.batch import ImageOutcome, InputError, collect_inputs, run_batch
-from workflow.cli_options import detector_option, out_dir_option
+from workflow.cli_options import StopSignal, detector_option, out_dir_option
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.localfiles import is_inside
@@ -183,7 +182,7 @@ def run(
     # Every outcome as it is printed, so that after an interrupt at any point the summary counts
     # what finished.
     outcomes: list[ImageOutcome] = []
-    stop_signal = _StopSignal()
+    stop_signal = StopSignal()
     with stop_signal:
         try:
             with _worker_pool(config, recorder, workers, len(inputs)) as pool:
@@ -246,31 +245,6 @@ def _no_photos_message(paths: tuple[Path, ...], own_folders: dict[str, Path]) ->
                     "never taken for photos; move it out or pass another --out or --state-dir"
                 )
     return f"no photos found in {', '.join(str(path) for path in paths)}"
-
-
-class _StopSignal:
-    """Turns SIGTERM into KeyboardInterrupt while in use, and keeps which signal stopped the run.
-
-    `kill PID`, `timeout` and service managers send SIGTERM to the command alone: without this,
-    the command would end at once and its worker processes would go on with the queue.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.received = signum
-        raise KeyboardInterrupt
 
 
 def _check_function_settings(config: EngineConfig) -> None:

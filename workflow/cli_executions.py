@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from workflow.cli_options import detector_option, out_dir_option
+from workflow.cli_options import StopSignal, detector_option, out_dir_option
 from workflow.display import printable
 from workflow.records import (
     FAILED_STATUSES,
@@ -706,9 +706,12 @@ def serve(host: str, s3_port: int, web_port: int, detector: str, state_dir: Path
         "example: AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local "
         f"aws --endpoint-url {stack.s3_url} s3 cp photo.jpg s3://{stack.config.source_bucket}/"
     )
-    click.echo("press Ctrl-C to stop")
     try:
-        stack.wait()
+        # SIGTERM (`kill`, a service manager) stops serve as Ctrl-C does, so runs in progress
+        # end and the servers close.
+        with StopSignal():
+            click.echo("press Ctrl-C to stop")
+            stack.wait()
     except KeyboardInterrupt:
         click.echo("stopping")
     finally:
