@@ -172,3 +172,13 @@ def test_cmyk_band_darkens_like_rgb_band() -> None:
 
     assert bands["RGB"].max() < 120
     assert np.abs(bands["CMYK"] - bands["RGB"]).max() < 4
+
+
+def test_gif_of_tiny_sub_blocks_is_rejected() -> None:
+    # A 10 x 10 image whose data comes as 300,000 sub-blocks of one byte each.
+    screen = b"GIF89a" + bytes([10, 0, 10, 0, 0, 0, 0])
+    image = b"\x2c" + bytes(8) + b"\x00" + b"\x02"
+    data = screen + image + b"\x01\x00" * 300_000 + b"\x00\x3b"
+
+    with pytest.raises(CorruptImageError, match=r"'tiny\.gif'.* sub-blocks of under 32 bytes"):
+        open_image(data, "tiny.gif", ImageLimits())

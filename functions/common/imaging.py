@@ -174,11 +174,17 @@ def _check_complete(data: bytes, image_format: str | None, key: str) -> None:
     published with frames missing. A GIF ends with the trailer byte 0x3B and a PNG with its IEND
     chunk (a 4-byte length, `IEND`, a 4-byte checksum).
     """
-    if image_format == "GIF" and not _gif_reaches_trailer(data):
-        raise CorruptImageError(
-            f"cannot read '{key}': the GIF's blocks do not end cleanly at its trailer, so it is truncated "
-            "or damaged"
-        )
+    if image_format == "GIF":
+        try:
+            complete = _gif_reaches_trailer(data)
+        except _TooManySubBlocks as exc:
+            raise CorruptImageError(f"cannot read '{key}': {exc}") from None
+        if not complete:
+            raise CorruptImageError(
+                f"cannot read '{key}': the GIF's blocks do not end cleanly at its trailer, so it "
+                "is truncated or damaged"
+            )
+
     # The IEND chunk has no data, so its checksum is always AE 42 60 82. Some tools append bytes
     # after it, which decoders ignore, so it is searched for anywhere, not only at the end.
     if image_format == "PNG" and data.rfind(b"IEND\xae\x42\x60\x82") == -1:
@@ -218,8 +224,24 @@ _GIF_BLOCK_STARTS = (0x21, 0x2C)
 _GIF_GRAPHIC_CONTROL = b"\x21\xf9\x04"
 
 
+class _TooManySubBlocks(ValueError):
+    """A GIF's data comes in far smaller sub-blocks than encoders write."""
+
+
+# Data sub-blocks hold up to 255 bytes, and encoders fill all but the last of each block (Pillow
+# writes 255). Walking millions of 1-byte sub-blocks in Python takes seconds per 100 MB, which a
+# crafted upload could use to reach the stage's timeout. So a GIF whose sub-blocks average under
+# 32 bytes is rejected. NOTE: 32 is an estimate of what no real encoder goes under.
+_MIN_MEAN_SUB_BLOCK = 32
+_FREE_SUB_BLOCKS = 100_000
+
+
 def _gif_blocks_end(data: bytes, position: int) -> int | None:
-    """Return the position of the trailer that the GIF blocks from POSITION end with, or None."""
+    """Return the position of the trailer that the GIF blocks from POSITION end with, or None.
+
+    Raises _TooManySubBlocks when the data sub-blocks are too small on average.
+    """
+    budget = len(data) // _MIN_MEAN_SUB_BLOCK + _FREE_SUB_BLOCKS
     while position < len(data):
         block = data[position]
         if block == 0x3B:
@@ -235,6 +257,12 @@ def _gif_blocks_end(data: bytes, position: int) -> int | None:
         # Data sub-blocks, each a length byte and that many bytes, up to an empty one.
         while position < len(data) and data[position] != 0:
             position += 1 + data[position]
+            budget -= 1
+            if budget < 0:
+                raise _TooManySubBlocks(
+                    f"the GIF's data is split into sub-blocks of under {_MIN_MEAN_SUB_BLOCK} "
+                    "bytes on average, which encoders do not write, so it is treated as damaged"
+                )
         position += 1
     return None
 
