@@ -180,5 +180,26 @@ def test_gif_of_tiny_sub_blocks_is_rejected() -> None:
     image = b"\x2c" + bytes(8) + b"\x00" + b"\x02"
     data = screen + image + b"\x01\x00" * 300_000 + b"\x00\x3b"
 
-    with pytest.raises(CorruptImageError, match=r"'tiny\.gif'.* sub-blocks of under 32 bytes"):
+    with pytest.raises(CorruptImageError, match=r"'tiny\.gif'.* blocks of under 32 bytes"):
         open_image(data, "tiny.gif", ImageLimits())
+
+
+@pytest.mark.parametrize("damaged", ["descriptor", "extension"])
+def test_gif_last_frame_cut_off_by_damaged_byte_is_rejected(damaged: str) -> None:
+    # One damaged byte turns the start of the last frame's block into the trailer byte.
+    data = bytearray(_animated_gif())
+    extension = data.rindex(b"\x21\xf9\x04")
+    position = extension if damaged == "extension" else extension + 8
+    assert data[position] in (0x21, 0x2C)
+    data[position] = 0x3B
+
+    with pytest.raises(CorruptImageError, match=r"'cut-off\.gif'.* truncated or damaged"):
+        open_image(bytes(data), "cut-off.gif", ImageLimits())
+
+
+def test_gif_of_empty_extensions_is_rejected_quickly() -> None:
+    single = _encode(Image.new("RGB", (10, 10), (200, 30, 30)), "GIF")
+    data = single[:-1] + b"\x21\xfe\x00" * 300_000 + b"\x3b"
+
+    with pytest.raises(CorruptImageError, match=r"blocks of under 32 bytes"):
+        open_image(data, "comments.gif", ImageLimits())

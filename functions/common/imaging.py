@@ -214,6 +214,11 @@ def _gif_reaches_trailer(data: bytes) -> bool:
         return True
     if data[rest] in _GIF_BLOCK_STARTS and _gif_blocks_end(data, rest) is not None:
         return False
+    # The trailer byte may itself be a damaged block start: if the bytes after it read as the
+    # rest of an image or an extension up to a trailer, frames were cut off there.
+    for block in _GIF_BLOCK_STARTS:
+        if _gif_blocks_end(data, end, first_block=block) is not None:
+            return False
     return data.find(_GIF_GRAPHIC_CONTROL, rest) == -1
 
 
@@ -236,15 +241,18 @@ _MIN_MEAN_SUB_BLOCK = 32
 _FREE_SUB_BLOCKS = 100_000
 
 
-def _gif_blocks_end(data: bytes, position: int) -> int | None:
+def _gif_blocks_end(data: bytes, position: int, *, first_block: int | None = None) -> int | None:
     """Return the position of the trailer that the GIF blocks from POSITION end with, or None.
 
-    Raises _TooManySubBlocks when the data sub-blocks are too small on average.
+    FIRST_BLOCK, when given, is read in place of the byte at POSITION. Raises _TooManySubBlocks
+    when the blocks and their data sub-blocks are too small on average.
     """
     budget = len(data) // _MIN_MEAN_SUB_BLOCK + _FREE_SUB_BLOCKS
     while position < len(data):
         block = data[position]
-        if block == 0x3B:
+        if first_block is not None:
+            block, first_block = first_block, None
+        elif block == 0x3B:
             return position
         if block == 0x21:  # extension: introducer, label, then data sub-blocks
             position += 2
@@ -254,15 +262,16 @@ def _gif_blocks_end(data: bytes, position: int) -> int | None:
             position += 10 + _color_table_size(data[position + 9]) + 1
         else:
             return None
+        budget -= 1
         # Data sub-blocks, each a length byte and that many bytes, up to an empty one.
-        while position < len(data) and data[position] != 0:
+        while budget >= 0 and position < len(data) and data[position] != 0:
             position += 1 + data[position]
             budget -= 1
-            if budget < 0:
-                raise _TooManySubBlocks(
-                    f"the GIF's data is split into sub-blocks of under {_MIN_MEAN_SUB_BLOCK} "
-                    "bytes on average, which encoders do not write, so it is treated as damaged"
-                )
+        if budget < 0:
+            raise _TooManySubBlocks(
+                f"the GIF's data is split into blocks of under {_MIN_MEAN_SUB_BLOCK} bytes on "
+                "average, which encoders do not write, so it is treated as damaged"
+            )
         position += 1
     return None
 
