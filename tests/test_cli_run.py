@@ -454,6 +454,31 @@ def test_run_names_folder_entries_not_files(tmp_path: Path) -> None:
     assert "1 image " in result.output
 
 
+def test_run_names_files_that_cannot_be_looked_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A folder that can be listed but not entered: stat fails on each of its files.
+    photos = tmp_path / "photos"
+    (photos / "shut").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(photos / "good.jpg")
+    Image.new("RGB", (64, 48), (40, 200, 40)).save(photos / "shut" / "inside.jpg")
+    looking = Path.is_file
+
+    def is_file(path: Path) -> bool:
+        if path.parent.name == "shut":
+            raise PermissionError(13, "Permission denied", str(path))
+        return looking(path)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+
+    result = CliRunner().invoke(main, ["run", str(photos), "--out", str(tmp_path / "out")])
+
+    assert result.exit_code == 0, result.output
+    assert "left out 1 file(s) or folder(s) that could not be read" in result.output
+    assert "inside.jpg" in result.output
+    assert "1 image " in result.output
+
+
 def test_run_names_dangling_link_given(tmp_path: Path) -> None:
     link = tmp_path / "moved.jpg"
     link.symlink_to(tmp_path / "gone.jpg")

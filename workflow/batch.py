@@ -121,7 +121,14 @@ def folder_photos(
             in_skipped_folder = False
         if in_skipped_folder:
             continue
-        if not file.is_file():
+        try:
+            regular = file.is_file()
+        except OSError:
+            # A folder that can be listed but not entered: its files cannot even be looked at.
+            if unreadable is not None:
+                unreadable.append(file)
+            continue
+        if not regular:
             if not_files is not None:
                 not_files.append(file)
             continue
