@@ -58,4 +58,20 @@ def test_headline_puts_repeating_parent_last() -> None:
     ]
 
     assert headline_names(labels, 3) == ["Dining Table", "Espresso", "Coffee Cup"]
-    assert headline_names(labels, 6)[-2:] == ["Table", "Cup"]
+    assert headline_names(labels, 6) == ["Dining Table", "Espresso", "Coffee Cup", "Furniture"]
+
+
+def test_headline_leaves_out_repeated_words() -> None:
+    cases = [
+        ([_label("Dining Table", 90.0, "Table", "Furniture"), _label("Table", 90.0, "Furniture"),
+          _label("Furniture", 90.0)], ["Dining Table", "Furniture"]),
+        ([_label("Table", 95.0), _label("Dining Table", 80.0), _label("Furniture", 70.0)],
+         ["Dining Table", "Furniture"]),
+        ([_label("Table Lamp", 90.0, "Lamp", "Table"), _label("Table", 90.0),
+          _label("Lamp", 90.0), _label("Furniture", 80.0)], ["Table Lamp", "Furniture"]),
+        ([_label("Espresso", 90.0, "Coffee Cup", "Coffee"), _label("Coffee Cup", 85.0, "Cup"),
+          _label("Coffee", 85.0), _label("Cup", 85.0)], ["Espresso", "Coffee Cup"]),
+    ]  # fmt: skip
+
+    for labels, expected in cases:
+        assert headline_names(labels, 3) == expected

@@ -14,8 +14,9 @@ def headline_names(labels: list[dict[str, Any]], count: int) -> list[str]:
     puts "Animal" before "Cat". A label that is another label's parent is listed after the labels
     that are nobody's parent. Among those parents, one with more ancestors is more specific
     ("Rocket" under "Aircraft" under "Vehicle") and comes first. Ties keep the confidence order.
-    A parent whose name ends a name listed before it ("Table" after "Dining Table") only repeats
-    it, so it goes after the other parents.
+    A label whose words all appear, in order, in another label shown ("Table" beside "Dining
+    Table", "Coffee" beside "Coffee Cup") only repeats it and is left out; of the two, the one
+    with more words stays, in the place of the first.
     """
     parents = {
         str(parent["Name"])
@@ -30,11 +31,28 @@ def headline_names(labels: list[dict[str, Any]], count: int) -> list[str]:
         for label in sorted(ranked, key=lambda label: -len(label.get("Parents", [])))
         if str(label["Name"]) in parents
     ]
-    listed = list(specific)
-    repeats = []
-    for name in general:
-        if any(other.lower().endswith(" " + name.lower()) for other in listed):
-            repeats.append(name)
+    listed: list[str] = []
+    for name in specific + general:
+        if len(listed) == count:
+            break
+        if any(_repeats(name, other) for other in listed):
+            continue
+        shorter = next((index for index, other in enumerate(listed) if _repeats(other, name)), None)
+        if shorter is not None:
+            listed[shorter] = name
+            # Any other shorter name it repeats goes too.
+            listed = [other for other in listed if other == name or not _repeats(other, name)]
         else:
             listed.append(name)
-    return (listed + repeats)[:count]
+    return listed
+
+
+def _repeats(name: str, other: str) -> bool:
+    """Return whether NAME's words all appear, one after another, among OTHER's words."""
+    words, other_words = name.lower().split(), other.lower().split()
+    if not words or len(words) >= len(other_words):
+        return False
+    return any(
+        other_words[start : start + len(words)] == words
+        for start in range(len(other_words) - len(words) + 1)
+    )
