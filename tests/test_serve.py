@@ -121,6 +121,9 @@ def test_serve_page_shows_runs_and_replays_failure(
         assert status_box is not None and key_box is not None
         assert status_box["height"] < 2 * key_box["height"]
         assert status_box["width"] > 40
+        name_box = good.locator("td").nth(0).bounding_box()
+        assert name_box is not None
+        assert name_box["height"] < 3 * status_box["height"]
 
         # GIVEN an upload while Watermark fails, THEN the run fails with Watermark marked red
         broken.set()
