@@ -479,6 +479,28 @@ def test_run_names_files_that_cannot_be_looked_at(
     assert "1 image " in result.output
 
 
+def test_run_rejects_input_that_cannot_be_looked_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file in a folder that cannot be entered: stat fails with EACCES.
+    photo = tmp_path / "shut" / "inside.jpg"
+    photo.parent.mkdir()
+    Image.new("RGB", (64, 48), (40, 200, 40)).save(photo)
+    looking = Path.stat
+
+    def stat(path: Path, **options: Any) -> Any:
+        if path.parent.name == "shut":
+            raise PermissionError(13, "Permission denied", str(path))
+        return looking(path, **options)
+
+    monkeypatch.setattr(Path, "stat", stat)
+
+    result = CliRunner().invoke(main, ["run", str(photo), "--out", str(tmp_path / "out")])
+
+    assert result.exit_code == 2
+    assert "inside.jpg' cannot be read: Permission denied" in result.output
+
+
 def test_run_names_dangling_link_given(tmp_path: Path) -> None:
     link = tmp_path / "moved.jpg"
     link.symlink_to(tmp_path / "gone.jpg")

@@ -75,3 +75,16 @@ def test_headline_leaves_out_repeated_words() -> None:
 
     for labels, expected in cases:
         assert headline_names(labels, 3) == expected
+
+
+def test_headline_shows_same_name_once() -> None:
+    labels = [
+        _label("Dining Table", 90.0),
+        _label("dining table", 85.0),
+        _label("  ", 84.0),
+        _label("T-Shirt", 80.0),
+        _label("Shirt", 79.0),
+        _label("Cat", 70.0),
+    ]
+
+    assert headline_names(labels, 3) == ["Dining Table", "T-Shirt", "Cat"]

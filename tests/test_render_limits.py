@@ -203,3 +203,15 @@ def test_gif_of_empty_extensions_is_rejected_quickly() -> None:
 
     with pytest.raises(CorruptImageError, match=r"blocks of under 32 bytes"):
         open_image(data, "comments.gif", ImageLimits())
+
+
+def test_gif_with_invalid_lzw_code_size_is_rejected() -> None:
+    data = bytearray(_animated_gif())
+    # The first frame's LZW minimum code size follows its 10-byte descriptor and color table.
+    descriptor = data.index(b"\x2c", data.index(b"\x21\xf9\x04") + 8)
+    flags = data[descriptor + 9]
+    table = 3 << ((flags & 0x07) + 1) if flags & 0x80 else 0
+    data[descriptor + 10 + table] = 0
+
+    with pytest.raises(CorruptImageError, match=r"'zero\.gif'.* truncated or damaged"):
+        open_image(bytes(data), "zero.gif", ImageLimits())

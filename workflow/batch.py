@@ -270,6 +270,15 @@ def collect_inputs(
     skipped = list(skip)
     inputs: list[InputFile] = []
     for path in paths:
+        try:
+            path.stat()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            # A folder above it cannot be entered, say, or a name is too long.
+            raise InputError(
+                f"input '{printable(str(path))}' cannot be read: {exc.strerror}"
+            ) from exc
         if not path.exists():
             if path.is_symlink():
                 raise InputError(

@@ -259,7 +259,11 @@ def _gif_blocks_end(data: bytes, position: int, *, first_block: int | None = Non
         elif block == 0x2C:  # image: descriptor, local color table, LZW code size, sub-blocks
             if position + 10 > len(data):
                 return None
-            position += 10 + _color_table_size(data[position + 9]) + 1
+            position += 10 + _color_table_size(data[position + 9])
+            # The LZW minimum code size is 2 to 8; Pillow decodes other values to wrong pixels.
+            if position >= len(data) or not 2 <= data[position] <= 8:
+                return None
+            position += 1
         else:
             return None
         budget -= 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = ["headline_names"]
@@ -15,8 +16,9 @@ def headline_names(labels: list[dict[str, Any]], count: int) -> list[str]:
     that are nobody's parent. Among those parents, one with more ancestors is more specific
     ("Rocket" under "Aircraft" under "Vehicle") and comes first. Ties keep the confidence order.
     A label whose words all appear, in order, in another label shown ("Table" beside "Dining
-    Table", "Coffee" beside "Coffee Cup") only repeats it and is left out; of the two, the one
-    with more words stays, in the place of the first.
+    Table", "Coffee" beside "Coffee Cup", "Shirt" beside "T-Shirt") only repeats it and is left
+    out; of the two, the one with more words stays, in the place of the first. Names that differ
+    only in case or punctuation are shown once, and blank names not at all.
     """
     parents = {
         str(parent["Name"])
@@ -35,7 +37,9 @@ def headline_names(labels: list[dict[str, Any]], count: int) -> list[str]:
     for name in specific + general:
         if len(listed) == count:
             break
-        if any(_repeats(name, other) for other in listed):
+        if not _words(name) or any(
+            _words(name) == _words(other) or _repeats(name, other) for other in listed
+        ):
             continue
         shorter = next((index for index, other in enumerate(listed) if _repeats(other, name)), None)
         if shorter is not None:
@@ -47,9 +51,14 @@ def headline_names(labels: list[dict[str, Any]], count: int) -> list[str]:
     return listed
 
 
+def _words(name: str) -> list[str]:
+    """Return the words of NAME in lower case, split at spaces, hyphens and punctuation."""
+    return re.findall(r"\w+", name.lower())
+
+
 def _repeats(name: str, other: str) -> bool:
     """Return whether NAME's words all appear, one after another, among OTHER's words."""
-    words, other_words = name.lower().split(), other.lower().split()
+    words, other_words = _words(name), _words(other)
     if not words or len(words) >= len(other_words):
         return False
     return any(
