@@ -61,10 +61,10 @@ class FunctionSizing:
 # ends sooner. Above it, single-threaded work gains nothing.
 #
 # - watermark, 1,769 MB: rendering an 8 to 12 MP photo took 72 to 74 ms per image on one core,
-#   with Pillow keeping freed image memory (PILLOW_ENVIRONMENT), and peaked 109 MiB above the
-#   process's size after imports (149 MiB resident in all); Pillow keeps at most 256 MiB. Pillow
-#   decodes, draws and encodes on one thread, so one vCPU is the fastest size at about the same
-#   cost per image as a smaller one.
+#   with Pillow keeping freed image memory (PILLOW_ENVIRONMENT). It peaked 109 MiB above the
+#   process's size after imports (149 MiB resident in all), and Pillow keeps at most 256 MiB.
+#   Pillow decodes, draws and encodes on one thread, so one vCPU is the fastest size at about
+#   the same cost per image as a smaller one.
 # - detect, 1,024 MB: the local model labelled a 12 MP JPEG in 53 ms (median, 82 ms slowest) on
 #   2 cores and started cold in 240 ms. With Rekognition, the function mostly waits for the API,
 #   so more CPU buys little. Decoding and encoding alone peaked at 53 MiB for the same photos.

@@ -197,7 +197,7 @@ def test_backfill_cli_local_names_unreadable_file(
     _write_photos(photos, 1)
     locked = photos / "locked.jpg"
     Image.new("RGB", (64, 48), (40, 200, 40)).save(locked)
-    # Tests may run as root, for whom permissions do not stop a read, so it fails here.
+    # Permissions do not stop root, as whom tests may run, so a stand-in makes the read fail.
     reading = Path.read_bytes
 
     def read_bytes(path: Path) -> bytes:

@@ -519,7 +519,7 @@ def test_run_names_link_loop_and_unreadable_folder(
     Image.new("RGB", (64, 48), (200, 40, 40)).save(photos / "good.jpg")
     Image.new("RGB", (64, 48), (40, 200, 40)).save(photos / "locked" / "hidden.jpg")
     (photos / "loop.jpg").symlink_to("loop.jpg")
-    # Tests may run as root, for whom permissions do not stop a listing, so it fails here.
+    # Permissions do not stop root, as whom tests may run, so a stand-in makes the listing fail.
     listing = os.scandir
 
     def scandir(path: Any = ".") -> Any:

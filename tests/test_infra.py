@@ -405,8 +405,8 @@ def test_functions_environment_defaults(synthesized: Synthesized) -> None:
 
 
 def test_watermark_environment_keeps_freed_image_memory_in_pillow() -> None:
-    # Pillow reads PILLOW_BLOCKS_MAX when PIL.Image is imported; a renamed variable would be
-    # ignored without a word, so a child process checks that the value takes effect.
+    # Pillow reads PILLOW_BLOCKS_MAX when PIL.Image is imported, and it would ignore a renamed
+    # variable without a word. So a child process checks that the value takes effect.
     script = "from PIL import Image\nprint(Image.core.get_blocks_max())"
     result = subprocess.run(
         [sys.executable, "-c", script],

@@ -185,7 +185,7 @@ def test_gif_of_tiny_sub_blocks_is_rejected() -> None:
 
 
 @pytest.mark.parametrize("damaged", ["descriptor", "extension"])
-def test_gif_last_frame_cut_off_by_damaged_byte_is_rejected(damaged: str) -> None:
+def test_gif_early_trailer_byte_rejected(damaged: str) -> None:
     # One damaged byte turns the start of the last frame's block into the trailer byte.
     data = bytearray(_animated_gif())
     extension = data.rindex(b"\x21\xf9\x04")

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from workflow.batch import folder_photos
+from workflow.batch import LeftOut, folder_photos
 from workflow.engine import LocalEngine, object_created_event
 
 __all__ = [
@@ -41,32 +41,22 @@ def upload_folder(
     prefix: str,
     *,
     skip: Iterable[Path] = (),
-    left_out: list[Path] | None = None,
-    invalid_names: list[Path] | None = None,
-    not_files: list[Path] | None = None,
-    unreadable: list[Path] | None = None,
+    left_out: LeftOut | None = None,
     too_large: list[Path] | None = None,
 ) -> list[str]:
     """Put each photo under FOLDER into the local source bucket as PREFIX + its relative path.
 
-    The files are chosen as `labelmark run` chooses a folder's files: hidden files, files under
-    SKIP (the output and state folders) and files with a suffix in NOT_PHOTO_SUFFIXES (added to
-    LEFT_OUT) are left out, so that earlier results and the run records are not taken for photos.
-    Files whose names are not valid UTF-8 are left out and added to INVALID_NAMES, entries that
-    are not regular files to NOT_FILES, files and folders that cannot be read to UNREADABLE, and
-    files larger than MAX_OBJECT_BYTES are left out, unread, and added to TOO_LARGE.
+    The files are chosen as `labelmark run` chooses a folder's files (folder_photos): hidden
+    files and files under SKIP (the output and state folders) are left out, so that earlier
+    results and the run records are not taken for photos. What else is left out goes to
+    LEFT_OUT, a file that cannot be read among them. Files larger than MAX_OBJECT_BYTES are left
+    out unread and added to TOO_LARGE.
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"folder to backfill from not found: {folder}")
+    left_out = left_out if left_out is not None else LeftOut()
     keys = []
-    photos = folder_photos(
-        folder,
-        skip=skip,
-        left_out=left_out,
-        invalid_names=invalid_names,
-        not_files=not_files,
-        unreadable=unreadable,
-    )
+    photos = folder_photos(folder, skip=skip, left_out=left_out)
     for path, relative in photos:
         try:
             if path.stat().st_size > engine.max_object_bytes:
@@ -77,8 +67,7 @@ def upload_folder(
             data = path.read_bytes()
         except OSError:
             # Unreadable, or gone since the folder was listed: the other photos still run.
-            if unreadable is not None:
-                unreadable.append(path)
+            left_out.unreadable.append(path)
             continue
         key = prefix + relative
         engine.upload(key, data)

@@ -27,12 +27,10 @@ __all__ = [
     "ImageOutcome",
     "InputError",
     "InputFile",
+    "LeftOut",
     "collect_inputs",
-    "describe_invalid_names",
-    "describe_left_out",
-    "describe_not_files",
-    "describe_unreadable",
     "folder_photos",
+    "named_paths",
     "published_trees",
     "remove_failure_record",
     "remove_replaced_failure_records",
@@ -90,33 +88,63 @@ NOT_PHOTO_SUFFIXES = frozenset(
 )  # fmt: skip
 
 
+@dataclass
+class LeftOut:
+    """Entries of a photo folder left out, by reason, so that the command can name them."""
+
+    not_photos: list[Path] = field(default_factory=list)  # suffix in NOT_PHOTO_SUFFIXES
+    invalid_names: list[Path] = field(default_factory=list)  # path not valid UTF-8
+    # Links to missing files, link loops, pipes, sockets, devices.
+    not_files: list[Path] = field(default_factory=list)
+    unreadable: list[Path] = field(default_factory=list)  # files and folders that cannot be read
+
+    def lines(self, *, not_photos_hint: str = "") -> list[str]:
+        """Return one line per reason with entries, NOT_PHOTOS_HINT after the not-photos line."""
+        lines = []
+        if self.not_photos:
+            lines.append(_describe_not_photos(self.not_photos) + not_photos_hint)
+        if self.invalid_names:
+            lines.append(
+                f"left out {len(self.invalid_names)} file(s) whose names are not valid UTF-8, "
+                f"which S3 keys must be: {named_paths(self.invalid_names)}; rename them to run them"
+            )
+        if self.not_files:
+            one = len(self.not_files) == 1
+            lines.append(
+                f"left out {len(self.not_files)} entr{'y' if one else 'ies'} that "
+                f"{'is not a regular file' if one else 'are not regular files'} (a link to a "
+                f"missing file, a link loop, a pipe, a socket or a device): "
+                f"{named_paths(self.not_files)}"
+            )
+        if self.unreadable:
+            lines.append(
+                f"left out {len(self.unreadable)} file(s) or folder(s) that could not be read: "
+                f"{named_paths(self.unreadable)}; check their permissions"
+            )
+        return lines
+
+
 def folder_photos(
-    folder: Path,
-    *,
-    skip: Iterable[Path] = (),
-    left_out: list[Path] | None = None,
-    invalid_names: list[Path] | None = None,
-    not_files: list[Path] | None = None,
-    unreadable: list[Path] | None = None,
+    folder: Path, *, skip: Iterable[Path] = (), left_out: LeftOut | None = None
 ) -> Iterator[tuple[Path, str]]:
     """Yield each photo file under FOLDER with its path relative to FOLDER, sorted by path.
 
     Symbolic links to folders are followed, each folder once, so a link back up the tree ends.
     Hidden files and folders (starting with `.`) and everything in the SKIP folders are left
-    out. Files whose suffix is in NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT,
-    files whose path is not valid UTF-8, which an S3 key must be, are added to INVALID_NAMES,
-    entries that are not regular files (links to missing files, link loops, pipes, sockets,
-    devices) are added to NOT_FILES, and folders that cannot be listed to UNREADABLE.
+    out silently. Files that are not photos by suffix, paths that are not valid UTF-8 (which an
+    S3 key must be), entries that are not regular files and folders that cannot be listed are
+    left out and added to LEFT_OUT.
     """
+    left_out = left_out if left_out is not None else LeftOut()
     skipped = list(skip)
-    for file in sorted(_files_under(folder, unreadable)):
+    for file in sorted(_files_under(folder, left_out.unreadable)):
         relative = file.relative_to(folder)
         if any(part.startswith(".") for part in relative.parts):
             continue
         try:
             in_skipped_folder = is_inside(file, skipped)
         except (OSError, RuntimeError):
-            # A link loop cannot be resolved (RuntimeError before Python 3.13), and it is no
+            # A link loop cannot be resolved (Python 3.11 raises RuntimeError), and it is no
             # file either.
             in_skipped_folder = False
         if in_skipped_folder:
@@ -125,32 +153,26 @@ def folder_photos(
             regular = file.is_file()
         except OSError:
             # A folder that can be listed but not entered: its files cannot even be looked at.
-            if unreadable is not None:
-                unreadable.append(file)
+            left_out.unreadable.append(file)
             continue
         if not regular:
-            if not_files is not None:
-                not_files.append(file)
-            continue
-        if not _is_utf8(relative.as_posix()):
-            if invalid_names is not None:
-                invalid_names.append(file)
-            continue
-        if file.suffix.lower() in NOT_PHOTO_SUFFIXES:
-            if left_out is not None:
-                left_out.append(file)
-            continue
-        yield file, relative.as_posix()
+            left_out.not_files.append(file)
+        elif not _is_utf8(relative.as_posix()):
+            left_out.invalid_names.append(file)
+        elif file.suffix.lower() in NOT_PHOTO_SUFFIXES:
+            left_out.not_photos.append(file)
+        else:
+            yield file, relative.as_posix()
 
 
-def _files_under(folder: Path, unreadable: list[Path] | None = None) -> Iterator[Path]:
+def _files_under(folder: Path, unreadable: list[Path]) -> Iterator[Path]:
     """Yield every path under FOLDER that is not a folder, following links to folders once.
 
     Folders that cannot be listed are added to UNREADABLE.
     """
 
     def note_unreadable(error: OSError) -> None:
-        if unreadable is not None and error.filename is not None:
+        if error.filename is not None:
             unreadable.append(Path(error.filename))
 
     seen: set[str] = set()
@@ -204,44 +226,20 @@ def published_trees(folders: Iterable[Path], prefixes: Iterable[str]) -> list[Pa
     return trees
 
 
-def describe_invalid_names(invalid_names: list[Path]) -> str:
-    """Return a line naming the files left out because their names are not valid UTF-8."""
-    names = ", ".join(f"'{printable(str(path))}'" for path in invalid_names[:5])
-    more = f" and {len(invalid_names) - 5} more" if len(invalid_names) > 5 else ""
-    return (
-        f"left out {len(invalid_names)} file(s) whose names are not valid UTF-8, which S3 keys "
-        f"must be: {names}{more}; rename them to run them"
-    )
+def named_paths(paths: list[Path], shown: int = 5) -> str:
+    """Return the first SHOWN of PATHS quoted and joined, with a count of the others."""
+    names = ", ".join(f"'{printable(str(path))}'" for path in paths[:shown])
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return names + more
 
 
-def describe_not_files(not_files: list[Path]) -> str:
-    """Return a line naming the folder entries left out because they are not regular files."""
-    names = ", ".join(f"'{printable(str(path))}'" for path in not_files[:5])
-    more = f" and {len(not_files) - 5} more" if len(not_files) > 5 else ""
-    return (
-        f"left out {len(not_files)} entr{'y' if len(not_files) == 1 else 'ies'} that "
-        f"{'is not a regular file' if len(not_files) == 1 else 'are not regular files'} "
-        f"(a link to a missing file, a link loop, a pipe, a socket or a device): {names}{more}"
-    )
-
-
-def describe_unreadable(unreadable: list[Path]) -> str:
-    """Return a line naming the files and folders left out because they could not be read."""
-    names = ", ".join(f"'{printable(str(path))}'" for path in unreadable[:5])
-    more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
-    return (
-        f"left out {len(unreadable)} file(s) or folder(s) that could not be read: {names}{more}; "
-        "check their permissions"
-    )
-
-
-def describe_left_out(left_out: list[Path]) -> str:
+def _describe_not_photos(not_photos: list[Path]) -> str:
     """Return a line with the count of files left out by suffix, and their suffixes."""
-    suffixes = ", ".join(sorted({path.suffix.lower() for path in left_out}))
+    suffixes = ", ".join(sorted({path.suffix.lower() for path in not_photos}))
     counted = (
         "1 file that is not a photo"
-        if len(left_out) == 1
-        else f"{len(left_out)} files that are not photos"
+        if len(not_photos) == 1
+        else f"{len(not_photos)} files that are not photos"
     )
     return f"left out {counted} by suffix ({printable(suffixes)})"
 
@@ -250,22 +248,16 @@ def collect_inputs(
     paths: Iterable[Path],
     *,
     skip: Iterable[Path] = (),
-    left_out: list[Path] | None = None,
-    invalid_names: list[Path] | None = None,
-    not_files: list[Path] | None = None,
-    unreadable: list[Path] | None = None,
+    left_out: LeftOut | None = None,
 ) -> list[InputFile]:
     """Return every file under PATHS with its key: a folder's files keep their relative paths.
 
     A folder `photos/` contributes `photos/<relative path>`; a file contributes its name. Hidden
     files and folders (starting with `.`) are left out, and so is everything in the SKIP folders
     (the output and state folders), even when named in PATHS, so that a run never takes its own
-    or an earlier run's results for new photos. A folder's files whose suffix is in
-    NOT_PHOTO_SUFFIXES are left out too and added to LEFT_OUT; a file named in PATHS always runs.
-    A folder's files whose names are not valid UTF-8 are added to INVALID_NAMES, and such a
-    file named in PATHS is an error, as are two inputs that map to one key. A folder's entries
-    that are not regular files are added to NOT_FILES, and its subfolders that cannot be listed
-    to UNREADABLE.
+    or an earlier run's results for new photos. What else a folder walk leaves out (see
+    folder_photos) is added to LEFT_OUT. A file named in PATHS always runs, unless its name is
+    not valid UTF-8, which is an error, as are two inputs that map to one key.
     """
     skipped = list(skip)
     inputs: list[InputFile] = []
@@ -289,14 +281,7 @@ def collect_inputs(
             continue
         if path.is_dir():
             base = path.resolve().name or "root"
-            photos = folder_photos(
-                path,
-                skip=skipped,
-                left_out=left_out,
-                invalid_names=invalid_names,
-                not_files=not_files,
-                unreadable=unreadable,
-            )
+            photos = folder_photos(path, skip=skipped, left_out=left_out)
             for file, relative in photos:
                 inputs.append(InputFile(file, f"{base}/{relative}"))
         elif path.is_file():

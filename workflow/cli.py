@@ -131,31 +131,14 @@ def run(
     own_folders = {"output": out_dir, "state": state_dir or default_state_dir()}
     earlier_results = _earlier_results(own_folders["state"], output_prefix)
     try:
-        left_out: list[Path] = []
-        invalid_names: list[Path] = []
-        not_files: list[Path] = []
-        unreadable: list[Path] = []
+        left_out = batch.LeftOut()
         inputs = collect_inputs(
-            paths,
-            skip=[*own_folders.values(), *earlier_results],
-            left_out=left_out,
-            invalid_names=invalid_names,
-            not_files=not_files,
-            unreadable=unreadable,
+            paths, skip=[*own_folders.values(), *earlier_results], left_out=left_out
         )
     except InputError as exc:
         raise click.UsageError(str(exc)) from exc
-    if left_out:
-        console.print(
-            f"{escape(batch.describe_left_out(left_out))}; name a file to run it anyway",
-            soft_wrap=True,
-        )
-    if invalid_names:
-        console.print(escape(batch.describe_invalid_names(invalid_names)), soft_wrap=True)
-    if not_files:
-        console.print(escape(batch.describe_not_files(not_files)), soft_wrap=True)
-    if unreadable:
-        console.print(escape(batch.describe_unreadable(unreadable)), soft_wrap=True)
+    for line in left_out.lines(not_photos_hint="; name a file to run it anyway"):
+        console.print(escape(line), soft_wrap=True)
     if not inputs:
         raise click.UsageError(_no_photos_message(paths, own_folders))
     workers = _fit_workers(console, workers, len(inputs))

@@ -171,13 +171,7 @@ def _backfill_local(
     console: Console, prefix: str, from_dir: Path, max_concurrency: int, detector: str, out: Path
 ) -> dict:
     from workflow.backfill import backfill_local, upload_folder
-    from workflow.batch import (
-        describe_invalid_names,
-        describe_left_out,
-        describe_not_files,
-        describe_unreadable,
-        published_trees,
-    )
+    from workflow.batch import LeftOut, named_paths, published_trees
     from workflow.engine import EngineConfig, LocalEngine
 
     # moto logs each caught task failure with the whole state; the results file has the error.
@@ -196,10 +190,7 @@ def _backfill_local(
         store = ExecutionStore()
         recorder = Recorder(store)
         with LocalEngine(EngineConfig(detector=detector), recorder=recorder) as engine:
-            left_out: list[Path] = []
-            invalid_names: list[Path] = []
-            not_files: list[Path] = []
-            unreadable: list[Path] = []
+            left_out = LeftOut()
             too_large: list[Path] = []
             upload_folder(
                 engine,
@@ -211,26 +202,16 @@ def _backfill_local(
                     *published_trees(store.all_output_folders(), ["watermarked-"]),
                 ],
                 left_out=left_out,
-                invalid_names=invalid_names,
-                not_files=not_files,
-                unreadable=unreadable,
                 too_large=too_large,
             )
             if too_large:
-                names = ", ".join(f"'{printable(str(path))}'" for path in too_large[:5])
                 console.print(
                     f"left out {len(too_large)} file(s) over MAX_OBJECT_BYTES "
                     f"({engine.max_object_bytes:,} bytes), without reading them: "
-                    f"{escape(names)}{' and more' if len(too_large) > 5 else ''}"
+                    f"{escape(named_paths(too_large))}"
                 )
-            if left_out:
-                console.print(escape(describe_left_out(left_out)))
-            if invalid_names:
-                console.print(escape(describe_invalid_names(invalid_names)))
-            if not_files:
-                console.print(escape(describe_not_files(not_files)))
-            if unreadable:
-                console.print(escape(describe_unreadable(unreadable)))
+            for line in left_out.lines():
+                console.print(escape(line))
             document = backfill_local(
                 engine, prefix, max_concurrency=max_concurrency, on_result=report, out_dir=out
             )

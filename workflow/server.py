@@ -433,7 +433,7 @@ def _read_regular_file(path: Path, limit: int) -> bytes:
             raise OSError(f"{path} is not a regular file")
         if status.st_size > limit:
             raise OSError(f"{path} is {status.st_size} bytes, more than {limit}")
-        return file.read(limit + 1)[:limit]
+        return file.read(limit)
 
 
 def _image_header(data: bytes) -> tuple[str | None, int, int] | None:
