@@ -8,13 +8,17 @@ The main photos are camera-like JPEGs of 8 to 12 MP (`bench.common.camera_photos
 photos upscaled with sensor-like noise, two in eight stored sideways), the size a phone uploads.
 The camera-photo scenarios run REPEATS times, one worker and two in turn, and report medians:
 
-- overhead: the camera photos with one worker. The dispatcher times each Lambda handler;
-  overhead is (wall time - handler time) / handler time, that is everything that is not stage
-  work: upload, StartExecution, the interpreter, waiting, fetching results, writing files. The
-  same figure on 1600 x 1200 photos shows how the fixed cost per image weighs on small photos.
-- workers: the camera photos with two workers; speedup = one worker's wall time / two workers'.
-  Two workers are this process and one spawned worker process, whose start-up (Python, moto,
-  the model) happens inside the timed part. Handler time is then measured in this process only.
+- overhead: the camera photos with one worker, with execution records in a scratch state folder
+  as `labelmark run` keeps them. The dispatcher times each Lambda handler; overhead is (wall
+  time - handler time) / handler time, that is everything that is not stage work: reading and
+  uploading the photo, keeping its copy for replays, StartExecution, the interpreter, waiting,
+  recording the history, fetching results, writing files. The same figure on 1600 x 1200
+  photos shows how the fixed cost per image weighs on small photos.
+- workers: the same with two workers; speedup = one worker's wall time / two workers'. Two
+  workers are this process and one spawned worker process, started before this process's
+  engine as `labelmark run` starts it, so that this figure is the batch's own scaling; the
+  whole-command figures below include start-up. Handler time is then measured in this process
+  only.
 - whole command: the camera photos with one worker and with two, timed from before the engine
   starts to the last outcome. They run as `labelmark run` runs them, with execution records in a
   scratch state folder and no warm-up image. With two workers, the worker pool starts before the
@@ -102,8 +106,12 @@ def _quiet() -> None:
 def run_scenario(photos: list[Path], workers: int, checkpoints: list[int]) -> dict[str, Any]:
     """Run PHOTOS through the local engine; return timings and RSS at each checkpoint count."""
     _quiet()
+    from workflow import batch
     from workflow.batch import InputFile, collect_inputs, run_batch
     from workflow.engine import EngineConfig, LocalEngine
+    from workflow.records import ExecutionStore, Recorder
+    from workflow.sequence import one_model_thread
+    from workflow.workers import WorkerPool
 
     clock = _HandlerClock()
     clock.install()
@@ -119,24 +127,35 @@ def run_scenario(photos: list[Path], workers: int, checkpoints: list[int]) -> di
             rss_at[str(done["count"])] = tree_rss_mib()
             own_rss_at[str(done["count"])] = current_rss_mib()
 
-    with (
-        tempfile.TemporaryDirectory() as out_dir,
-        LocalEngine(EngineConfig(detector="local")) as engine,
-    ):
-        # One warm-up image, not part of the batch, loads the model and the handler modules
-        # outside the timed part.
-        warm_up = Path(out_dir) / "warm-up.jpg"
-        warm_up.write_bytes(photos[0].read_bytes() + b"warm-up")
-        run_batch(engine, [InputFile(warm_up, "warm-up.jpg")], Path(out_dir) / "warm-up", workers=1)
-        clock.reset()
-        handler_calls_before = sum(engine.dispatcher.invocations.values())
+    config = EngineConfig(detector="local")
+    with tempfile.TemporaryDirectory() as scratch:
+        out_dir = Path(scratch) / "out"
+        store = ExecutionStore(Path(scratch) / "state")
+        recorder = Recorder(store)
+        use_pool = workers >= 2 and len(inputs) >= batch.PROCESS_BATCH_MIN
+        pool = WorkerPool(config, processes=workers - 1, recorder=recorder) if use_pool else None
+        with (
+            pool or nullcontext(),
+            one_model_thread(config) if workers == 1 else nullcontext(),
+            LocalEngine(config, recorder=recorder) as engine,
+        ):
+            # One warm-up image, not part of the batch, loads the model and the handler modules
+            # outside the timed part, and gives the worker process time to start.
+            warm_up = Path(scratch) / "warm-up.jpg"
+            warm_up.write_bytes(photos[0].read_bytes() + b"warm-up")
+            run_batch(engine, [InputFile(warm_up, "warm-up.jpg")], out_dir / "warm-up", workers=1)
+            clock.reset()
+            handler_calls_before = sum(engine.dispatcher.invocations.values())
 
-        started = time.perf_counter()
-        outcomes = run_batch(engine, inputs, Path(out_dir), workers=workers, on_done=on_done)
-        wall = time.perf_counter() - started
+            started = time.perf_counter()
+            outcomes = run_batch(
+                engine, inputs, out_dir, workers=workers, on_done=on_done, pool=pool
+            )
+            wall = time.perf_counter() - started
 
-        stored_bytes = _stored_bytes(engine)
-        handler_calls = sum(engine.dispatcher.invocations.values()) - handler_calls_before
+            stored_bytes = _stored_bytes(engine)
+            handler_calls = sum(engine.dispatcher.invocations.values()) - handler_calls_before
+        store.close()
 
     statuses = {
         status: sum(1 for o in outcomes if o.status == status)
@@ -167,6 +186,7 @@ def run_whole_command(photos: list[Path], workers: int) -> dict[str, Any]:
     from workflow.batch import collect_inputs, run_batch
     from workflow.engine import EngineConfig, LocalEngine
     from workflow.records import ExecutionStore, Recorder
+    from workflow.sequence import one_model_thread
     from workflow.workers import WorkerPool
 
     folder = photos[0].parent
@@ -184,7 +204,11 @@ def run_whole_command(photos: list[Path], workers: int) -> dict[str, Any]:
 
         started = time.perf_counter()
         pool = WorkerPool(config, processes=workers - 1, recorder=recorder) if use_pool else None
-        with pool or nullcontext(), LocalEngine(config, recorder=recorder) as engine:
+        with (
+            pool or nullcontext(),
+            one_model_thread(config) if workers == 1 else nullcontext(),
+            LocalEngine(config, recorder=recorder) as engine,
+        ):
             engine_ready = time.perf_counter() - started
             outcomes = run_batch(
                 engine, inputs, Path(scratch) / "out", workers=workers, on_done=on_done, pool=pool

@@ -398,18 +398,19 @@ def _assert_nothing_half_written(outcomes: list[ImageOutcome], out_dir: Path) ->
     assert len(published) == sum(1 for outcome in outcomes if outcome.status == "SUCCEEDED")
 
 
-@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
-def test_interrupt_finishes_running_images(tmp_path: Path, processes: bool) -> None:
+@pytest.mark.parametrize("mode", ["one worker", "threads", "processes"])
+def test_interrupt_finishes_running_images(tmp_path: Path, mode: str) -> None:
     # GIVEN a batch WHEN Ctrl-C arrives after two images THEN the images already running finish
     # and are reported, the others never start, and no output is left half written
     inputs = _write_uploads(tmp_path / "uploads")
     out_dir = tmp_path / "out"
 
     with LocalEngine(CONFIG) as engine, pytest.raises(batch.BatchInterrupted) as interrupted:
-        if processes:
+        if mode == "processes":
             run_with_processes(engine, inputs, out_dir, workers=2, on_done=_interrupt_after(2))
         else:
-            run_batch(engine, inputs, out_dir, workers=2, on_done=_interrupt_after(2))
+            workers = 1 if mode == "one worker" else 2
+            run_batch(engine, inputs, out_dir, workers=workers, on_done=_interrupt_after(2))
 
     outcomes = interrupted.value.outcomes
     assert 2 <= len(outcomes) <= len(inputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -322,8 +323,10 @@ def run_batch(
 ) -> list[ImageOutcome]:
     """Upload INPUTS, run one execution each (WORKERS at a time) and write results to OUT_DIR.
 
-    With one worker, or an engine that has a fault hook (a function cannot be sent to another
-    process), every execution runs in this process on ENGINE. With WORKERS of 2 or more, this
+    With one worker, executions run one at a time in this process on ENGINE, with the next
+    photo read and the last results written beside them (see `workflow.sequence`). With an
+    engine that has a fault hook (a function cannot be sent to another process), WORKERS
+    threads of this process run executions on ENGINE. Otherwise, with WORKERS of 2 or more, this
     process runs executions on ENGINE while WORKERS - 1 worker processes each start their own
     engine with the same settings (see `workflow.workers`). ON_DONE is called in this process
     for each outcome as it arrives, and the list returned is in the order of INPUTS. Batches of
@@ -334,7 +337,11 @@ def run_batch(
     processes would be, and the caller closes it either way.
     """
     small = len(inputs) < PROCESS_BATCH_MIN
-    if workers <= 1 or small or engine.dispatcher.fault_hook is not None:
+    if workers <= 1:
+        from workflow.sequence import run_in_sequence
+
+        outcomes = run_in_sequence(engine, inputs, out_dir, on_done)
+    elif small or engine.dispatcher.fault_hook is not None:
         outcomes = _run_in_process(engine, inputs, out_dir, on_done, threads=workers)
     elif pool is not None:
         outcomes = pool.run(engine, inputs, out_dir, on_done=on_done)
@@ -399,6 +406,29 @@ def _report_despite_interrupts(
 
 def run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome:
     """Upload ITEM, run its execution, write its results to OUT_DIR and free its memory."""
+    photo = read_photo(engine, item)
+    if isinstance(photo, ImageOutcome):
+        return photo
+    return write_results(engine, execute(engine, photo, out_dir), out_dir)
+
+
+@dataclass
+class ReadPhoto:
+    """An input file's bytes with the digests its upload needs, read before its run starts."""
+
+    item: InputFile
+    body: bytes
+    md5: str  # the object's ETag
+    saved_digest: str | None  # SHA-256 under which the state folder keeps the bytes, if it does
+    started: float  # perf_counter() when the reading began
+
+
+def read_photo(engine: LocalEngine, item: InputFile) -> ReadPhoto | ImageOutcome:
+    """Read ITEM and keep its bytes in ENGINE's state folder; return a FAILED outcome if it fails.
+
+    Nothing here touches the engine's buckets or executions, so the next photo can be read while
+    the engine runs another.
+    """
     started = time.perf_counter()
     try:
         status = item.path.stat()
@@ -420,13 +450,39 @@ def run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome
         # Deleted or made unreadable after the batch was listed: this image fails, not the batch.
         reason = f"cannot read '{printable(str(item.path))}': {exc.strerror or exc}"
         return ImageOutcome(item.key, "FAILED", "", reason=reason)
-    event = engine.upload(item.key, body)
+    saved = engine.recorder.store.save_blob(body) if engine.recorder is not None else None
+    md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+    return ReadPhoto(item, body, md5, saved, started)
+
+
+@dataclass
+class FinishedRun:
+    """A run that has ended, with the bytes it published, still to be written to a folder."""
+
+    key: str
+    result: RunResult
+    image: bytes | None = None
+    sidecar: bytes | None = None
+    output: dict[str, str] | None = None  # the store stage's bucket, key and sidecarKey
+    failure_record: bytes | None = None
+    started: float = 0.0
+
+
+def execute(engine: LocalEngine, photo: ReadPhoto, out_dir: Path) -> FinishedRun:
+    """Upload PHOTO, run its execution and take what it published out of the engine.
+
+    The engine then no longer holds the run's objects or execution, so the next photo can be
+    uploaded (under the same key, even) while this one's files are written.
+    """
+    event = engine.upload(
+        photo.item.key, photo.body, md5=photo.md5, saved_digest=photo.saved_digest
+    )
     result = engine.run(event)
-    outcome = write_outcome(engine, item.key, result, out_dir)
-    _release_objects(engine, item.key, result)
+    finished = collect_results(engine, photo.item.key, result, out_dir)
+    finished.started = photo.started
+    _release_objects(engine, photo.item.key, result)
     _release_execution(engine, result)
-    outcome.seconds = time.perf_counter() - started
-    return outcome
+    return finished
 
 
 def _release_objects(engine: LocalEngine, key: str, result: RunResult) -> None:
@@ -459,18 +515,45 @@ def write_outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Pat
 
     With a recorder, OUT_DIR is stored with the run, so that a replay writes to it as well.
     """
+    return write_results(engine, collect_results(engine, key, result, out_dir), out_dir)
+
+
+def collect_results(engine: LocalEngine, key: str, result: RunResult, out_dir: Path) -> FinishedRun:
+    """Read what the run RESULT published from ENGINE's buckets; note OUT_DIR in its record."""
     if engine.recorder is not None:
         engine.recorder.store.set_output_folder(result.name, out_dir)
+    finished = FinishedRun(key, result)
     if result.status == "SUCCEEDED" and result.skipped_reason:
-        return ImageOutcome(key, "SKIPPED", result.name, reason=result.skipped_reason)
-
+        return finished
     if result.status == "SUCCEEDED":
         output = (result.output or {})["store"]["output"]
-        image = _read(engine, output["bucket"], output["key"])
-        sidecar = _read(engine, output["bucket"], output["sidecarKey"])
+        finished.output = output
+        finished.image = _read(engine, output["bucket"], output["key"])
+        finished.sidecar = _read(engine, output["bucket"], output["sidecarKey"])
+        return finished
+    from functions.common.keys import failure_key
+
+    # A run can fail before its record is written.
+    record = engine.read_object(engine.config.processed_bucket, failure_key(result.name))
+    finished.failure_record = record
+    return finished
+
+
+def write_results(engine: LocalEngine, finished: FinishedRun, out_dir: Path) -> ImageOutcome:
+    """Write FINISHED's image and sidecar, or its failure record, to OUT_DIR and describe it.
+
+    Results are written in the order runs finish: a later run of the same key replaces the files
+    of an earlier one, as in the processed bucket.
+    """
+    key, result = finished.key, finished.result
+    if result.status == "SUCCEEDED" and result.skipped_reason:
+        outcome = ImageOutcome(key, "SKIPPED", result.name, reason=result.skipped_reason)
+    elif result.status == "SUCCEEDED":
+        assert finished.output and finished.image is not None and finished.sidecar is not None
+        output, sidecar = finished.output, finished.sidecar
         document = json.loads(sidecar)
         replaced = _replaces_other_content(out_dir, output["sidecarKey"], document)
-        image_file = write_object(out_dir, output["key"], image)
+        image_file = write_object(out_dir, output["key"], finished.image)
         write_object(out_dir, output["sidecarKey"], sidecar)
         # The same content may have failed before with another --out folder.
         folders = {out_dir}
@@ -478,17 +561,19 @@ def write_outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Pat
             folders.update(engine.recorder.store.output_folders(result.name))
         for folder in folders:
             remove_failure_record(result.name, folder)
-        labels = headline_names(document["labels"], count=3)
-        return ImageOutcome(
+        outcome = ImageOutcome(
             key,
             "SUCCEEDED",
             result.name,
-            labels=labels,
+            labels=headline_names(document["labels"], count=3),
             output_file=image_file,
             reason="replaced the result of other content with this name" if replaced else "",
         )
-
-    return _failed_outcome(engine, key, result, out_dir)
+    else:
+        outcome = _failed_outcome(engine, finished, out_dir)
+    if finished.started:
+        outcome.seconds = time.perf_counter() - finished.started
+    return outcome
 
 
 def _replaces_other_content(out_dir: Path, sidecar_key: str, document: dict[str, Any]) -> bool:
@@ -505,19 +590,15 @@ def _replaces_other_content(out_dir: Path, sidecar_key: str, document: dict[str,
     return bool(earlier_etag != document["source"].get("etag"))
 
 
-def _failed_outcome(
-    engine: LocalEngine, key: str, result: RunResult, out_dir: Path
-) -> ImageOutcome:
+def _failed_outcome(engine: LocalEngine, finished: FinishedRun, out_dir: Path) -> ImageOutcome:
     from functions.common.keys import failure_key
 
-    record_key = failure_key(result.name)
+    key, result = finished.key, finished.result
     failure_file = None
     state = "?"
-    # A run can fail before its record is written.
-    record = engine.read_object(engine.config.processed_bucket, record_key)
-    if record is not None:
-        failure_file = write_object(out_dir, record_key, record)
-        state = json.loads(record).get("failedState", state)
+    if finished.failure_record is not None:
+        failure_file = write_object(out_dir, failure_key(result.name), finished.failure_record)
+        state = json.loads(finished.failure_record).get("failedState", state)
     reason = f"{state}: {describe_error(result.error, result.cause)}"
     earlier = _earlier_result(engine, key, out_dir)
     if earlier is not None:

@@ -24,6 +24,7 @@ from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.localfiles import is_inside
 from workflow.records import ExecutionStore, Recorder, default_state_dir
+from workflow.sequence import one_model_thread
 from workflow.workers import WorkerPool, usable_cores
 
 __all__ = ["main"]
@@ -168,7 +169,10 @@ def run(
     stop_signal = StopSignal()
     with stop_signal:
         try:
-            with _worker_pool(config, recorder, workers, len(inputs)) as pool:
+            with (
+                _worker_pool(config, recorder, workers, len(inputs)) as pool,
+                one_model_thread(config) if workers == 1 else nullcontext(),
+            ):
                 engine = LocalEngine(config, recorder=recorder)
                 try:
                     engine.start()

@@ -251,13 +251,25 @@ class LocalEngine:
 
     # -- running ---------------------------------------------------------------------------
 
-    def upload(self, key: str, body: bytes, **extra: Any) -> dict[str, Any]:
+    def upload(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        md5: str | None = None,
+        saved_digest: str | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         """Put BODY at KEY in the source bucket and return the `Object Created` event for it.
 
         A plain upload goes straight to moto's S3 store, which is what moto's PutObject handler
         does too once it has parsed the request, so the object (ETag, content type, metadata) is
         the same and about 4 ms of request signing and parsing is saved. Uploads with EXTRA
         arguments (content type, metadata) go through the S3 client.
+
+        MD5, BODY's MD5 in hex, is its ETag; a caller that computed it on another thread saves
+        this one the time. SAVED_DIGEST is the SHA-256 under which the recorder's state folder
+        already keeps BODY (`ExecutionStore.save_blob`), so it is not hashed and written again.
         """
         from functions.common.events import encode_key
 
@@ -267,10 +279,12 @@ class LocalEngine:
             )
             etag = str(response["ETag"]).strip('"')
         else:
-            stored = self._s3_backend().put_object(self.config.source_bucket, key, body)
+            stored = self._s3_backend().put_object(self.config.source_bucket, key, body, etag=md5)
             etag = str(stored.etag).strip('"')
         if self.recorder is not None:
-            self.recorder.on_upload(self.config.source_bucket, key, etag, body)
+            self.recorder.on_upload(
+                self.config.source_bucket, key, etag, body, saved_digest=saved_digest
+            )
         return object_created_event(
             self.config.source_bucket,
             encode_key(key),

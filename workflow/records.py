@@ -376,9 +376,14 @@ class ExecutionStore:
         path = self.objects_dir / digest[:2] / digest
         return path.read_bytes() if path.is_file() else None
 
-    def record_upload(self, bucket: str, key: str, etag: str, body: bytes) -> str:
-        """Keep the bytes of one upload and remember which object version they were."""
-        digest = self.save_blob(body)
+    def record_upload(
+        self, bucket: str, key: str, etag: str, body: bytes, *, saved_digest: str | None = None
+    ) -> str:
+        """Keep the bytes of one upload and remember which object version they were.
+
+        With SAVED_DIGEST, `save_blob` has already stored BODY under that digest.
+        """
+        digest = saved_digest or self.save_blob(body)
         with self._transaction() as connection:
             connection.execute(
                 "INSERT OR REPLACE INTO uploads (bucket, key, etag, sha256) VALUES (?, ?, ?, ?)",
@@ -838,9 +843,14 @@ class Recorder:
         self.store.mark_abandoned(pid=os.getpid())
         self._engine = None
 
-    def on_upload(self, bucket: str, key: str, etag: str, body: bytes) -> None:
-        """Keep the bytes of an upload so that a later process can replay its runs."""
-        self.store.record_upload(bucket, key, etag, body)
+    def on_upload(
+        self, bucket: str, key: str, etag: str, body: bytes, *, saved_digest: str | None = None
+    ) -> None:
+        """Keep the bytes of an upload so that a later process can replay its runs.
+
+        SAVED_DIGEST is given when the store already keeps BODY under that SHA-256.
+        """
+        self.store.record_upload(bucket, key, etag, body, saved_digest=saved_digest)
 
     def on_start(
         self,

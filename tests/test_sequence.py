@@ -1,0 +1,143 @@
+"""One worker reads the next photo and writes the last results beside the running execution."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from workflow.batch import InputFile, run_batch
+from workflow.engine import EngineConfig, LocalEngine
+from workflow.records import ExecutionStore, Recorder
+
+CONFIG = EngineConfig(detector="rekognition", real_rekognition=False)
+
+
+def _jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (320, 240)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_same_key_twice_ends_with_later_photo(tmp_path: Path) -> None:
+    # GIVEN two different photos uploaded under one key in one batch (two cameras' DCIM folders)
+    # WHEN one worker runs them THEN both runs succeed and the output folder keeps the later one
+    first, second = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    first.write_bytes(_jpeg((200, 30, 30)))
+    second.write_bytes(_jpeg((30, 30, 200)))
+    inputs = [InputFile(first, "DCIM/photo.jpg"), InputFile(second, "DCIM/photo.jpg")]
+    out_dir = tmp_path / "out"
+
+    with LocalEngine(CONFIG) as engine:
+        outcomes = run_batch(engine, inputs, out_dir, workers=1)
+
+    assert [outcome.status for outcome in outcomes] == ["SUCCEEDED", "SUCCEEDED"]
+    assert outcomes[1].reason == "replaced the result of other content with this name"
+    image_file = outcomes[1].output_file
+    assert image_file is not None
+    assert outcomes[0].output_file == image_file
+    sidecar = json.loads(Path(f"{image_file}.labels.json").read_bytes())
+    assert sidecar["source"]["etag"] == hashlib.md5(second.read_bytes()).hexdigest()
+    with Image.open(image_file) as image:
+        red, _, blue = image.convert("RGB").getpixel((5, 5))
+    assert blue > red
+
+
+def test_upload_etag_is_md5(tmp_path: Path) -> None:
+    # GIVEN a photo WHEN one worker runs it with execution records THEN the event's ETag is the
+    # MD5 of its bytes, as S3 gives for a single-part upload, and the state folder keeps the bytes
+    # under their SHA-256 for replays
+    photo = tmp_path / "photo.jpg"
+    body = _jpeg((90, 160, 60))
+    photo.write_bytes(body)
+    store = ExecutionStore(tmp_path / "state")
+
+    with LocalEngine(CONFIG, recorder=Recorder(store)) as engine:
+        [outcome] = run_batch(engine, [InputFile(photo, "photo.jpg")], tmp_path / "out", workers=1)
+        record = store.get(outcome.execution)
+
+    assert outcome.status == "SUCCEEDED"
+    assert record is not None
+    assert record.source_etag == hashlib.md5(body).hexdigest()
+    digest = hashlib.sha256(body).hexdigest()
+    assert store.upload_digest(CONFIG.source_bucket, "photo.jpg", record.source_etag) == digest
+    assert store.read_blob(digest) == body
+    store.close()
+
+
+def test_photo_gone_before_its_turn_fails_alone(tmp_path: Path) -> None:
+    # GIVEN a batch whose second photo is deleted after the listing and whose third is a pipe
+    # WHEN one worker runs it THEN those two fail with their reasons and the others succeed
+    paths = [tmp_path / f"p{index}.jpg" for index in range(4)]
+    for index, path in enumerate(paths):
+        if index != 2:
+            path.write_bytes(_jpeg((40 * index, 90, 120)))
+    os.mkfifo(paths[2])
+    inputs = [InputFile(path, path.name) for path in paths]
+    paths[1].unlink()
+
+    with LocalEngine(CONFIG) as engine:
+        outcomes = run_batch(engine, inputs, tmp_path / "out", workers=1)
+
+    assert [outcome.status for outcome in outcomes] == [
+        "SUCCEEDED",
+        "FAILED",
+        "FAILED",
+        "SUCCEEDED",
+    ]
+    assert "No such file or directory" in outcomes[1].reason
+    assert "no longer a regular file" in outcomes[2].reason
+
+
+def test_write_error_stops_batch(tmp_path: Path) -> None:
+    # GIVEN an output folder that cannot be created, because a file has its name WHEN one worker
+    # runs a batch THEN the write's error reaches the caller and the batch stops
+    paths = [tmp_path / f"p{index}.jpg" for index in range(6)]
+    for index, path in enumerate(paths):
+        path.write_bytes(_jpeg((30, 40 * index, 90)))
+    out_dir = tmp_path / "out"
+    out_dir.write_bytes(b"a file, not a folder")
+    started: list[str] = []
+
+    with LocalEngine(CONFIG) as engine:
+        original = engine.upload
+
+        def counting_upload(key: str, body: bytes, **options: object) -> dict[str, object]:
+            started.append(key)
+            return original(key, body, **options)
+
+        engine.upload = counting_upload  # type: ignore[method-assign]
+        with pytest.raises((FileExistsError, NotADirectoryError)):
+            run_batch(engine, [InputFile(p, p.name) for p in paths], out_dir, workers=1)
+
+    # The first write fails while the second photo runs, so the third does not start.
+    assert len(started) <= 2
+
+
+@pytest.mark.parametrize(
+    ("detector", "env", "inside"),
+    [("local", "", 1), ("local", "2", 2), ("rekognition", "", None)],
+    ids=["local", "count set", "rekognition"],
+)
+def test_one_worker_runs_model_with_one_thread(
+    monkeypatch: pytest.MonkeyPatch, detector: str, env: str, inside: int | None
+) -> None:
+    # GIVEN one worker WHEN its batch runs THEN the label model has one thread, unless
+    # LABELMARK_MODEL_THREADS sets a count or the batch does not use the model. Afterwards the
+    # count is what it was.
+    from functions.detect import local_model
+    from workflow.sequence import one_model_thread
+
+    monkeypatch.setenv(local_model.THREADS_ENV, env)
+    before = local_model.model_threads()
+    config = EngineConfig(detector=detector, real_rekognition=False)
+
+    with one_model_thread(config):
+        assert local_model.model_threads() == (before if inside is None else inside)
+
+    assert local_model.model_threads() == before
