@@ -240,6 +240,14 @@ def _overhead(run: dict[str, Any]) -> float:
     return float((run["wall_seconds"] - run["handler_seconds"]) / run["handler_seconds"])
 
 
+def _pair_ratios(runs: dict[str, list[dict[str, Any]]], prefix: str) -> list[float]:
+    """Return one worker's wall time over two workers' for each repeat, which ran back to back."""
+    return [
+        float(one["wall_seconds"] / two["wall_seconds"])
+        for one, two in zip(runs[f"{prefix}one"], runs[f"{prefix}two"], strict=True)
+    ]
+
+
 def _print_run(run: dict[str, Any]) -> None:
     per_image = 1000 * run["wall_seconds"] / run["images"]
     stage = 1000 * run["handler_seconds"] / run["images"]
@@ -356,7 +364,9 @@ def main() -> None:
     for run in (one, two):
         _print_run(run)
     print(f"orchestration overhead (1 worker): {overhead:.1%} of stage work (target < 10%)")
+    print(f"  each run: {', '.join(f'{_overhead(run):.1%}' for run in runs['one'])}")
     print(f"2 workers vs 1: {speedup:.2f}x (target >= 1.7x)")
+    print(f"  run by run: {', '.join(f'{ratio:.2f}x' for ratio in _pair_ratios(runs, ''))}")
     for run in (whole_one, whole_two):
         print(
             f"  whole command, {run['workers']} worker(s): {run['wall_seconds']:.1f} s "
@@ -366,6 +376,7 @@ def main() -> None:
     print(
         f"2 workers vs 1 (whole command, start-up included): {whole_speedup:.2f}x (target >= 1.7x)"
     )
+    print(f"  run by run: {', '.join(f'{ratio:.2f}x' for ratio in _pair_ratios(runs, 'whole_'))}")
     print(f"{args.images} photos of 1600x1200, local detector")
     _print_run(small_one)
     print(f"orchestration overhead (1 worker, 1600x1200): {small_overhead:.1%} of stage work")
@@ -392,6 +403,9 @@ def main() -> None:
                 "overhead_vs_stage_work_1600x1200": small_overhead,
                 "two_vs_one_worker": speedup,
                 "two_vs_one_worker_whole_command": whole_speedup,
+                "overhead_of_each_run": [_overhead(run) for run in runs["one"]],
+                "two_vs_one_worker_run_by_run": _pair_ratios(runs, ""),
+                "two_vs_one_worker_whole_command_run_by_run": _pair_ratios(runs, "whole_"),
                 "rss_growth_100_to_long": growth,
                 "rss_growth_100_to_long_this_process": (own_last - own_first) / own_first,
             },
