@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import queue
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from workflow.batch import InputFile, run_batch
+from workflow.batch import BatchInterrupted, ImageOutcome, InputFile, run_batch
 from workflow.engine import EngineConfig, LocalEngine
 from workflow.records import ExecutionStore, Recorder
+from workflow.workers import WorkerProcessError
 
 CONFIG = EngineConfig(detector="rekognition", real_rekognition=False)
 
@@ -94,29 +98,130 @@ def test_photo_gone_before_its_turn_fails_alone(tmp_path: Path) -> None:
     assert "no longer a regular file" in outcomes[2].reason
 
 
-def test_write_error_stops_batch(tmp_path: Path) -> None:
-    # GIVEN an output folder that cannot be created, because a file has its name WHEN one worker
-    # runs a batch THEN the write's error reaches the caller and the batch stops
-    paths = [tmp_path / f"p{index}.jpg" for index in range(6)]
-    for index, path in enumerate(paths):
-        path.write_bytes(_jpeg((30, 40 * index, 90)))
-    out_dir = tmp_path / "out"
-    out_dir.write_bytes(b"a file, not a folder")
+def _photos(folder: Path, count: int) -> list[InputFile]:
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = []
+    for index in range(count):
+        path = folder / f"p{index}.jpg"
+        path.write_bytes(_jpeg((30, 40 * index % 256, 90)))
+        inputs.append(InputFile(path, path.name))
+    return inputs
+
+
+def _count_uploads(engine: LocalEngine, started: list[str]) -> None:
+    original = engine.upload
+
+    def counting_upload(key: str, body: bytes, **options: object) -> dict[str, object]:
+        started.append(key)
+        return original(key, body, **options)
+
+    engine.upload = counting_upload  # type: ignore[method-assign]
+
+
+def _fail_write_of(monkeypatch: pytest.MonkeyPatch, image_key: str) -> None:
+    """Make writing the result of IMAGE_KEY fail as a full disk does."""
+    from workflow import batch
+
+    original = batch.write_object
+
+    def write_object(root: Path, key: str, data: bytes) -> Path:
+        if key.endswith(image_key):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(root, key, data)
+
+    monkeypatch.setattr(batch, "write_object", write_object)
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one worker", "threads"])
+def test_write_error_names_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    # GIVEN a batch whose first result cannot be written WHEN it runs THEN the error names that
+    # image and its cause, the batch stops, and the images that finished meanwhile are reported
+    _fail_write_of(monkeypatch, "p0.jpg")
+    inputs = _photos(tmp_path / "photos", 6)
+    reported: list[str] = []
     started: list[str] = []
 
     with LocalEngine(CONFIG) as engine:
-        original = engine.upload
+        _count_uploads(engine, started)
+        with pytest.raises(WorkerProcessError) as raised:
+            run_batch(
+                engine,
+                inputs,
+                tmp_path / "out",
+                workers=workers,
+                on_done=lambda outcome: reported.append(outcome.key),
+            )
 
-        def counting_upload(key: str, body: bytes, **options: object) -> dict[str, object]:
-            started.append(key)
-            return original(key, body, **options)
+    message = str(raised.value)
+    assert message.startswith("running 'p0.jpg' failed in this process:")
+    assert "No space left on device" in message
+    assert "p0.jpg" not in reported
+    assert len(started) < len(inputs)
+    # Every image that started, but the failed one, was reported.
+    assert sorted(reported) == sorted(set(started) - {"p0.jpg"})
 
-        engine.upload = counting_upload  # type: ignore[method-assign]
-        with pytest.raises((FileExistsError, NotADirectoryError)):
-            run_batch(engine, [InputFile(p, p.name) for p in paths], out_dir, workers=1)
 
-    # The first write fails while the second photo runs, so the third does not start.
-    assert len(started) <= 2
+def test_stop_during_slow_read_starts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN one worker whose second photo takes long to read WHEN Ctrl-C comes while it is read
+    # THEN that photo does not start once its read ends
+    from workflow import sequence
+
+    original = sequence.read_photo
+
+    def slow_read(engine: LocalEngine, item: InputFile) -> object:
+        if item.key == "p1.jpg":
+            time.sleep(1.0)
+        return original(engine, item)
+
+    monkeypatch.setattr(sequence, "read_photo", slow_read)
+    inputs = _photos(tmp_path / "photos", 3)
+    started: list[str] = []
+
+    def interrupt(outcome: ImageOutcome) -> None:
+        raise KeyboardInterrupt
+
+    with LocalEngine(CONFIG) as engine:
+        _count_uploads(engine, started)
+        with pytest.raises(BatchInterrupted) as interrupted:
+            run_batch(engine, inputs, tmp_path / "out", workers=1, on_done=interrupt)
+
+    assert started == ["p0.jpg"]
+    assert [outcome.key for outcome in interrupted.value.outcomes] == ["p0.jpg"]
+
+
+def test_interrupt_while_taking_result_loses_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN one worker WHEN Ctrl-C comes just after the third result was taken off the queue
+    # THEN that result is still reported, and every image in the output folder is counted
+    from workflow import sequence
+
+    class InterruptedQueue(queue.Queue):  # type: ignore[type-arg]
+        calls = 0
+
+        def get(self, block: bool = True, timeout: float | None = None) -> object:
+            item = super().get(block, timeout)
+            InterruptedQueue.calls += 1
+            if InterruptedQueue.calls == 3:
+                raise KeyboardInterrupt
+            return item
+
+    monkeypatch.setattr(sequence.queue, "Queue", InterruptedQueue)
+    inputs = _photos(tmp_path / "photos", 8)
+    out_dir = tmp_path / "out"
+
+    with LocalEngine(CONFIG) as engine, pytest.raises(BatchInterrupted) as interrupted:
+        run_batch(engine, inputs, out_dir, workers=1)
+
+    outcomes = interrupted.value.outcomes
+    images = [path for path in out_dir.rglob("*.jpg")]
+    assert len(outcomes) >= 3
+    assert len(outcomes) < len(inputs)
+    assert len(images) == len(outcomes)
 
 
 @pytest.mark.parametrize(

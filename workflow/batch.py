@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
@@ -362,12 +363,20 @@ def _run_in_process(
     *,
     threads: int,
 ) -> list[ImageOutcome]:
+    from workflow.workers import WorkerProcessError
+
     outcomes: list[ImageOutcome] = []
     reported: set[Future[ImageOutcome]] = set()
 
     def report(future: Future[ImageOutcome]) -> None:
         reported.add(future)
-        outcome = future.result()
+        try:
+            outcome = future.result()
+        except Exception as exc:
+            raise WorkerProcessError(
+                f"running '{images[future].key}' failed in this process:\n"
+                f"{''.join(traceback.format_exception(exc))}"
+            ) from exc
         outcomes.append(outcome)
         if on_done is not None:
             on_done(outcome)
@@ -375,7 +384,8 @@ def _run_in_process(
     with ThreadPoolExecutor(
         max_workers=max(1, threads), thread_name_prefix="labelmark-run"
     ) as pool:
-        futures = [pool.submit(run_one, engine, item, out_dir) for item in inputs]
+        images = {pool.submit(run_one, engine, item, out_dir): item for item in inputs}
+        futures = list(images)
         try:
             for future in as_completed(futures):
                 report(future)
@@ -383,25 +393,44 @@ def _run_in_process(
             # Images not started yet are dropped; those running finish, so that none is left
             # half written, and are reported. A second Ctrl-C while they finish changes nothing,
             # so that no finished image goes unreported.
-            for future in futures:
-                future.cancel()
-            for future in futures:
-                if not future.cancelled() and future not in reported:
-                    _report_despite_interrupts(report, future)
+            _report_running(futures, reported, report)
             raise BatchInterrupted(outcomes) from None
+        except WorkerProcessError:
+            # An image's error stops the batch: the others running finish and are reported
+            # before the error.
+            _report_running(futures, reported, report)
+            raise
     return outcomes
+
+
+def _report_running(
+    futures: list[Future[ImageOutcome]],
+    reported: set[Future[ImageOutcome]],
+    report: Callable[[Future[ImageOutcome]], None],
+) -> None:
+    """Cancel the FUTURES not started, wait for the running ones and REPORT those not reported.
+
+    Futures that raised are left out, because the batch is already ending.
+    """
+    for future in futures:
+        future.cancel()
+    for future in futures:
+        if future.cancelled() or future in reported:
+            continue
+        _report_despite_interrupts(report, future)
 
 
 def _report_despite_interrupts(
     report: Callable[[Future[ImageOutcome]], None], future: Future[ImageOutcome]
 ) -> None:
-    """Wait for FUTURE, ignoring further Ctrl-C, then REPORT it once."""
+    """Wait for FUTURE, ignoring further Ctrl-C, then REPORT it once unless it raised."""
     while not future.done():
         try:
             wait([future])
         except KeyboardInterrupt:
             continue
-    report(future)
+    if future.exception() is None:
+        report(future)
 
 
 def run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome:

@@ -166,7 +166,9 @@ def run(
     # Every outcome as it is printed, so that after an interrupt at any point the summary counts
     # what finished.
     outcomes: list[ImageOutcome] = []
-    stop_signal = StopSignal()
+    # Ctrl-C and SIGTERM stop the batch once the images running have finished. The handlers stay
+    # until the summary is printed, so a second signal cannot end the command before it.
+    stop_signal = StopSignal((signal.SIGINT, signal.SIGTERM))
     with stop_signal:
         try:
             with (
@@ -176,7 +178,9 @@ def run(
                 engine = LocalEngine(config, recorder=recorder)
                 try:
                     engine.start()
-                    _run_with_progress(console, engine, inputs, out_dir, workers, pool, outcomes)
+                    _run_with_progress(
+                        console, engine, inputs, out_dir, workers, pool, outcomes, stop_signal
+                    )
                 except RuntimeError as exc:
                     raise click.ClickException(str(exc)) from exc
                 finally:
@@ -186,22 +190,23 @@ def run(
             # were printed) or while the engine and the worker processes were stopping.
             stop_signal.received = stop_signal.received or signal.SIGINT
 
-    batch.remove_replaced_failure_records(
-        recorder.store,
-        out_dir,
-        (outcome.execution for outcome in outcomes if outcome.status != "SKIPPED"),
-    )
-    _print_summary(console, outcomes, time.perf_counter() - started, out_dir)
+        batch.remove_replaced_failure_records(
+            recorder.store,
+            out_dir,
+            (outcome.execution for outcome in outcomes if outcome.status != "SKIPPED"),
+        )
+        _print_summary(console, outcomes, time.perf_counter() - started, out_dir)
+        if stop_signal.received:
+            not_started = len(inputs) - len(outcomes)
+            if not_started:
+                console.print(
+                    f"interrupted: {not_started} of {len(inputs)} images were not started; run "
+                    "the same command again to process them",
+                    soft_wrap=True,
+                )
+            else:
+                console.print("interrupted after every image had finished", soft_wrap=True)
     if stop_signal.received:
-        not_started = len(inputs) - len(outcomes)
-        if not_started:
-            console.print(
-                f"interrupted: {not_started} of {len(inputs)} images were not started; run the "
-                "same command again to process them",
-                soft_wrap=True,
-            )
-        else:
-            console.print("interrupted after every image had finished", soft_wrap=True)
         sys.exit(128 + int(stop_signal.received))
     if any(outcome.status == "FAILED" for outcome in outcomes):
         sys.exit(1)
@@ -286,10 +291,12 @@ def _run_with_progress(
     workers: int,
     pool: WorkerPool | None,
     outcomes: list[ImageOutcome],
+    stop_signal: StopSignal,
 ) -> None:
     """Run INPUTS, printing each outcome and appending it to OUTCOMES as it arrives.
 
     Raises BatchInterrupted (a KeyboardInterrupt) after Ctrl-C, once the images running finished.
+    A signal that arrives while an outcome is printed stops the batch after the line is printed.
     """
     # On a terminal, the bar and the result lines share one console, which prints each line
     # above the bar. Two consoles writing to one screen would leave stale bars between the lines.
@@ -307,9 +314,10 @@ def _run_with_progress(
         task = progress.add_task("images", total=len(inputs))
 
         def report(outcome: ImageOutcome) -> None:
-            outcomes.append(outcome)
-            console.print(_outcome_line(outcome), soft_wrap=True)
-            progress.advance(task)
+            with stop_signal.deferred():
+                outcomes.append(outcome)
+                console.print(_outcome_line(outcome), soft_wrap=True)
+                progress.advance(task)
 
         ordered = run_batch(engine, inputs, out_dir, workers=workers, on_done=report, pool=pool)
         # run_batch returns them in the order of INPUTS.

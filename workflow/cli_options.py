@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +42,51 @@ def out_dir_option(help_text: str, *, name: str = "out_dir") -> Callable[[Any], 
 
 
 class StopSignal:
-    """Turns SIGTERM into KeyboardInterrupt while in use, and keeps which signal stopped the run.
+    """Turns SIGTERM (and other SIGNALS) into KeyboardInterrupt while in use, and keeps which
+    signal stopped the run.
 
     `kill PID`, `timeout` and service managers send SIGTERM to the command alone: without this,
-    the command would end at once and its worker processes would go on with the queue.
+    the command would end at once and its worker processes would go on with the queue. Only the
+    first signal raises: the command is then already stopping, and a second one would cut short
+    the work that reports what finished. Inside `deferred()`, the first signal raises when the
+    block ends, so that a result is not counted without its line being printed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
         self.received: int | None = None
-        self._previous: Any = None
+        self._signals = signals
+        self._previous: dict[int, Any] = {}
+        self._deferring = 0
+        self._pending = False
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            for signum in self._signals:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold back the KeyboardInterrupt of a signal that arrives in the block until its end."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+            if self._pending and not self._deferring:
+                self._pending = False
+                raise KeyboardInterrupt
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            return
         self.received = signum
+        if self._deferring:
+            self._pending = True
+            return
         raise KeyboardInterrupt

@@ -14,7 +14,10 @@ use. On 100 camera photos, one worker took 17.2 and 18.7 s with one model thread
 
 The order of effects stays that of a plain loop: each upload follows the end of the previous
 execution, whose objects are already out of the engine, and results are written in the order
-the runs ended, so a key that appears twice ends with the later run's files.
+the runs ended. Two differences remain. A photo is read while the one before it runs, so a
+change to its file in that time is not seen. After Ctrl-C or an error, the photo read ahead
+does not run, but its copy stays in the state folder, where a later run of the same bytes
+finds it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import contextlib
 import os
 import queue
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -36,10 +40,9 @@ from workflow.batch import (
     write_results,
 )
 from workflow.engine import EngineConfig, LocalEngine
+from workflow.workers import WorkerProcessError
 
 __all__ = ["one_model_thread", "run_in_sequence"]
-
-_END = None
 
 
 def run_in_sequence(
@@ -83,111 +86,145 @@ def _run_in_sequence(
     out_dir: Path,
     on_done: Callable[[ImageOutcome], None] | None,
 ) -> list[ImageOutcome]:
-    done: queue.Queue[Future[ImageOutcome] | None] = queue.Queue()
+    # The runner thread appends a future for each image it finishes with to ISSUED, and puts a
+    # token on WAKE for each. The list, not the queue, tells what is left to report, so that
+    # Ctrl-C while a token is taken off the queue loses no outcome.
+    issued: list[tuple[InputFile, Future[ImageOutcome]]] = []
+    wake: queue.Queue[bool] = queue.Queue()
     stop = threading.Event()
     runner = threading.Thread(
         target=_run_all,
-        args=(engine, inputs, out_dir, done, stop),
+        args=(engine, inputs, out_dir, issued, wake, stop),
         name="labelmark-run",
         daemon=True,
     )
     runner.start()
     outcomes: list[ImageOutcome] = []
-    reported: set[Future[ImageOutcome]] = set()
+    position = 0  # issued[:position] are reported
 
-    def report(future: Future[ImageOutcome]) -> None:
-        outcome = future.result()
-        if future not in reported:
-            reported.add(future)
-            outcomes.append(outcome)
-            if on_done is not None:
-                on_done(outcome)
+    def report_next() -> None:
+        nonlocal position
+        item, future = issued[position]
+        outcome = _outcome_of(item, future)
+        position += 1
+        outcomes.append(outcome)
+        if on_done is not None:
+            on_done(outcome)
 
-    current: Future[ImageOutcome] | None = None
     try:
-        while (current := done.get()) is not _END:
-            report(current)
+        while wake.get():
+            report_next()
     except KeyboardInterrupt:
         stop.set()
-        _finish_despite_interrupts(runner, done, current, report)
+        _join_despite_interrupts(runner)
+        _report_rest(issued, position, outcomes, on_done)
         raise BatchInterrupted(outcomes) from None
-    except BaseException:
+    except BaseException as exc:
+        # An image's error stops the batch. The running execution ends and its results are
+        # written, so they are reported before the error.
         stop.set()
-        runner.join()
+        _join_despite_interrupts(runner)
+        failed_image = isinstance(exc, WorkerProcessError)
+        _report_rest(issued, position + 1 if failed_image else position, outcomes, on_done)
         raise
     runner.join()
     return outcomes
+
+
+def _outcome_of(item: InputFile, future: Future[ImageOutcome]) -> ImageOutcome:
+    """Return FUTURE's outcome, or raise WorkerProcessError naming ITEM and the error."""
+    try:
+        return future.result()
+    except Exception as exc:
+        raise WorkerProcessError(
+            f"running '{item.key}' failed in this process:\n"
+            f"{''.join(traceback.format_exception(exc))}"
+        ) from exc
 
 
 def _run_all(
     engine: LocalEngine,
     inputs: list[InputFile],
     out_dir: Path,
-    done: queue.Queue[Future[ImageOutcome] | None],
+    issued: list[tuple[InputFile, Future[ImageOutcome]]],
+    wake: queue.Queue[bool],
     stop: threading.Event,
 ) -> None:
-    """Run every input in order, putting one future per outcome on DONE, then the end marker."""
+    """Run every input in order until STOP is set, issuing one future per image, then wake False."""
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelmark-read")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelmark-write")
     writing: Future[ImageOutcome] | None = None
+
+    def issue(item: InputFile, future: Future[ImageOutcome]) -> None:
+        issued.append((item, future))
+        wake.put(True)
+
     try:
         reading = reader.submit(read_photo, engine, inputs[0]) if inputs else None
-        for index in range(len(inputs)):
+        for index, item in enumerate(inputs):
             if stop.is_set():
                 break
             assert reading is not None
             try:
                 photo = reading.result()
             except BaseException as exc:
-                done.put(_failed(exc))
+                issue(item, _failed(exc))
+                break
+            # A slow read (a large file, a slow disk) may end after a stop request.
+            if stop.is_set():
                 break
             # Read one photo ahead, not more, because each read photo is a whole file in memory.
             if index + 1 < len(inputs):
                 reading = reader.submit(read_photo, engine, inputs[index + 1])
             if isinstance(photo, ImageOutcome):
-                done.put(_resolved(photo))
+                issue(item, _resolved(photo))
                 continue
             try:
                 finished = execute(engine, photo, out_dir)
             except BaseException as exc:
-                done.put(_failed(exc))
+                issue(item, _failed(exc))
                 break
             if writing is not None:
                 # One result waits to be written at most, so a slow disk holds back the batch
                 # instead of filling memory with results.
                 _wait_quietly(writing)
             writing = writer.submit(write_results, engine, finished, out_dir)
-            done.put(writing)
+            issue(item, writing)
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)
-        done.put(_END)
+        wake.put(False)
 
 
-def _finish_despite_interrupts(
-    runner: threading.Thread,
-    done: queue.Queue[Future[ImageOutcome] | None],
-    current: Future[ImageOutcome] | None,
-    report: Callable[[Future[ImageOutcome]], None],
-) -> None:
-    """After Ctrl-C, wait for the running execution and the writes, then REPORT what ended.
-
-    CURRENT is the future that was awaited when Ctrl-C came, if any. Further Ctrl-C while
-    waiting changes nothing. Runs that failed with an error are left out, because the batch is
-    already ending.
-    """
+def _join_despite_interrupts(runner: threading.Thread) -> None:
+    """Wait for RUNNER to end: the running execution and the writes. Ctrl-C changes nothing."""
     while runner.is_alive():
         try:
             runner.join()
         except KeyboardInterrupt:
             continue
-    # The runner has ended, so every future is on the queue and done.
-    pending = [current]
-    while not done.empty():
-        pending.append(done.get_nowait())
-    for future in pending:
-        if future is not None and future.exception() is None:
-            report(future)
+
+
+def _report_rest(
+    issued: list[tuple[InputFile, Future[ImageOutcome]]],
+    start: int,
+    outcomes: list[ImageOutcome],
+    on_done: Callable[[ImageOutcome], None] | None,
+) -> None:
+    """Report the images from ISSUED[START] on that ended, once the runner has ended.
+
+    Images that failed with an error are left out, because the batch is already ending. Ctrl-C
+    while reporting one image goes on with the next.
+    """
+    for _, future in issued[start:]:
+        if future.exception() is not None:
+            continue
+        outcome = future.result()
+        outcomes.append(outcome)
+        if on_done is None:
+            continue
+        with contextlib.suppress(KeyboardInterrupt):
+            on_done(outcome)
 
 
 def _wait_quietly(future: Future[ImageOutcome]) -> None:

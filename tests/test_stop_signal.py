@@ -1,0 +1,60 @@
+"""`StopSignal`: the first SIGTERM or SIGINT stops the command once, at a point where it can."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from workflow.cli_options import StopSignal
+
+
+def _send(signum: int) -> None:
+    # Python runs the handler in the main thread before the next statement.
+    os.kill(os.getpid(), signum)
+
+
+def test_first_signal_raises_and_is_kept() -> None:
+    # GIVEN a StopSignal for SIGINT and SIGTERM WHEN SIGTERM arrives THEN KeyboardInterrupt is
+    # raised and the signal is kept
+    with pytest.raises(KeyboardInterrupt), StopSignal((signal.SIGINT, signal.SIGTERM)) as stop:
+        _send(signal.SIGTERM)
+
+    assert stop.received == signal.SIGTERM
+
+
+def test_second_signal_changes_nothing() -> None:
+    # GIVEN a command that is stopping after a first signal WHEN a second one arrives THEN
+    # nothing is raised, and the first signal is the one kept
+    stop = StopSignal((signal.SIGINT, signal.SIGTERM))
+    with stop:
+        with pytest.raises(KeyboardInterrupt):
+            _send(signal.SIGINT)
+        _send(signal.SIGTERM)
+        _send(signal.SIGINT)
+
+    assert stop.received == signal.SIGINT
+
+
+def test_deferred_block_finishes_first() -> None:
+    # GIVEN a block that prints and counts one result WHEN a signal arrives inside it THEN the
+    # block runs to its end and KeyboardInterrupt is raised after it
+    steps: list[str] = []
+    with pytest.raises(KeyboardInterrupt), StopSignal() as stop, stop.deferred():
+        steps.append("counted")
+        _send(signal.SIGTERM)
+        steps.append("printed")
+
+    assert steps == ["counted", "printed"]
+    assert stop.received == signal.SIGTERM
+
+
+def test_handlers_restored_on_exit() -> None:
+    # GIVEN a StopSignal WHEN its block ends THEN the earlier handlers are back
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+
+    with StopSignal((signal.SIGINT, signal.SIGTERM)):
+        pass
+
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
