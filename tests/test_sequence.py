@@ -246,3 +246,35 @@ def test_one_worker_runs_model_with_one_thread(
         assert local_model.model_threads() == (before if inside is None else inside)
 
     assert local_model.model_threads() == before
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one worker", "threads"])
+def test_interrupt_keeps_error_of_running_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    # GIVEN Ctrl-C after the first image WHEN the image running meanwhile fails with an error
+    # THEN that error is raised, naming the image, instead of counting it as not started
+    from workflow import batch
+
+    _fail_write_of(monkeypatch, "p1.jpg")
+    failing_write = batch.write_object
+
+    def slow_first_write(root: Path, key: str, data: bytes) -> Path:
+        if key.endswith("p0.jpg"):
+            time.sleep(0.5)  # so that the second image is running when Ctrl-C comes
+        return failing_write(root, key, data)
+
+    monkeypatch.setattr(batch, "write_object", slow_first_write)
+    inputs = _photos(tmp_path / "photos", 4)
+    reported: list[str] = []
+
+    def interrupt(outcome: ImageOutcome) -> None:
+        # Only the first signal raises, as in `labelmark run`.
+        reported.append(outcome.key)
+        if len(reported) == 1:
+            raise KeyboardInterrupt
+
+    with LocalEngine(CONFIG) as engine, pytest.raises(WorkerProcessError) as raised:
+        run_batch(engine, inputs, tmp_path / "out", workers=workers, on_done=interrupt)
+
+    assert str(raised.value).startswith("running 'p1.jpg' failed in this process:")

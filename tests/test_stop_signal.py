@@ -58,3 +58,23 @@ def test_handlers_restored_on_exit() -> None:
         pass
 
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_error_behind_interrupt_is_kept() -> None:
+    # GIVEN an error that stopped a batch WHEN a signal's KeyboardInterrupt replaces it while it
+    # propagates THEN the command still reports the error
+    import click
+
+    from workflow.cli import _error_behind
+
+    try:
+        try:
+            raise RuntimeError("running 'p1.jpg' failed in this process")
+        except RuntimeError:
+            raise KeyboardInterrupt from None
+    except KeyboardInterrupt as interrupt:
+        error = _error_behind(interrupt)
+
+    assert isinstance(error, click.ClickException)
+    assert error.message == "running 'p1.jpg' failed in this process"
+    assert _error_behind(KeyboardInterrupt()) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -393,7 +394,10 @@ def _run_in_process(
             # Images not started yet are dropped; those running finish, so that none is left
             # half written, and are reported. A second Ctrl-C while they finish changes nothing,
             # so that no finished image goes unreported.
-            _report_running(futures, reported, report)
+            failed = _report_running(futures, reported, report)
+            if failed is not None:
+                # An image that ended with an error is not an image that did not start.
+                report(failed)
             raise BatchInterrupted(outcomes) from None
         except WorkerProcessError:
             # An image's error stops the batch: the others running finish and are reported
@@ -407,30 +411,38 @@ def _report_running(
     futures: list[Future[ImageOutcome]],
     reported: set[Future[ImageOutcome]],
     report: Callable[[Future[ImageOutcome]], None],
-) -> None:
+) -> Future[ImageOutcome] | None:
     """Cancel the FUTURES not started, wait for the running ones and REPORT those not reported.
 
-    Futures that raised are left out, because the batch is already ending.
+    Futures that raised are not reported. The first of them is returned, for the caller to raise
+    its error once the others are reported.
     """
+    failed = None
     for future in futures:
         future.cancel()
     for future in futures:
         if future.cancelled() or future in reported:
             continue
-        _report_despite_interrupts(report, future)
+        if not _report_despite_interrupts(report, future):
+            failed = failed or future
+    return failed
 
 
 def _report_despite_interrupts(
     report: Callable[[Future[ImageOutcome]], None], future: Future[ImageOutcome]
-) -> None:
-    """Wait for FUTURE, ignoring further Ctrl-C, then REPORT it once unless it raised."""
+) -> bool:
+    """Wait for FUTURE, ignoring further Ctrl-C, then REPORT it unless it raised; return whether it did not."""
     while not future.done():
         try:
             wait([future])
         except KeyboardInterrupt:
             continue
-    if future.exception() is None:
+    if future.exception() is not None:
+        return False
+    # The batch is already stopping, so a Ctrl-C while reporting changes nothing either.
+    with contextlib.suppress(KeyboardInterrupt):
         report(future)
+    return True
 
 
 def run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome:

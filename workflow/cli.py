@@ -128,6 +128,53 @@ def run(
     Example: labelmark run photos/ holiday.heic --out processed
     """
     console = Console(highlight=False)
+    # Ctrl-C and SIGTERM stop the batch once the images running have finished. The handlers stay
+    # until the summary is printed, so a second signal cannot end the command before it.
+    stop_signal = StopSignal((signal.SIGINT, signal.SIGTERM))
+    with stop_signal:
+        try:
+            status = _run(
+                console,
+                stop_signal,
+                paths,
+                out_dir,
+                detector=detector,
+                workers=workers,
+                output_prefix=output_prefix,
+                max_labels=max_labels,
+                min_confidence=min_confidence,
+                state_dir=state_dir,
+                verbose=verbose,
+            )
+        except KeyboardInterrupt:
+            # A signal while the inputs were listed or the settings checked: nothing ran.
+            console.print("interrupted before any image started", soft_wrap=True)
+            status = 128 + int(stop_signal.received or signal.SIGINT)
+    if stop_signal.received:
+        # The command is ending after a signal: one more while Python exits changes nothing.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(status)
+
+
+def _run(
+    console: Console,
+    stop_signal: StopSignal,
+    paths: tuple[Path, ...],
+    out_dir: Path,
+    *,
+    detector: str,
+    workers: int,
+    output_prefix: str,
+    max_labels: int,
+    min_confidence: float | None,
+    state_dir: Path | None,
+    verbose: bool,
+) -> int:
+    """Run the command `run` inside STOP_SIGNAL and return its exit status.
+
+    Lists the inputs, runs the batch and prints the summary.
+    """
     _quiet_libraries(verbose)
     own_folders = {"output": out_dir, "state": state_dir or default_state_dir()}
     earlier_results = _earlier_results(own_folders["state"], output_prefix)
@@ -166,50 +213,64 @@ def run(
     # Every outcome as it is printed, so that after an interrupt at any point the summary counts
     # what finished.
     outcomes: list[ImageOutcome] = []
-    # Ctrl-C and SIGTERM stop the batch once the images running have finished. The handlers stay
-    # until the summary is printed, so a second signal cannot end the command before it.
-    stop_signal = StopSignal((signal.SIGINT, signal.SIGTERM))
-    with stop_signal:
-        try:
-            with (
-                _worker_pool(config, recorder, workers, len(inputs)) as pool,
-                one_model_thread(config) if workers == 1 else nullcontext(),
-            ):
-                engine = LocalEngine(config, recorder=recorder)
-                try:
-                    engine.start()
-                    _run_with_progress(
-                        console, engine, inputs, out_dir, workers, pool, outcomes, stop_signal
-                    )
-                except RuntimeError as exc:
-                    raise click.ClickException(str(exc)) from exc
-                finally:
-                    engine.stop()
-        except KeyboardInterrupt:
-            # Ctrl-C or SIGTERM: at start-up, during the batch (the images running finished and
-            # were printed) or while the engine and the worker processes were stopping.
-            stop_signal.received = stop_signal.received or signal.SIGINT
-
-        batch.remove_replaced_failure_records(
-            recorder.store,
-            out_dir,
-            (outcome.execution for outcome in outcomes if outcome.status != "SKIPPED"),
-        )
-        _print_summary(console, outcomes, time.perf_counter() - started, out_dir)
-        if stop_signal.received:
-            not_started = len(inputs) - len(outcomes)
-            if not_started:
-                console.print(
-                    f"interrupted: {not_started} of {len(inputs)} images were not started; run "
-                    "the same command again to process them",
-                    soft_wrap=True,
+    try:
+        with (
+            _worker_pool(config, recorder, workers, len(inputs)) as pool,
+            one_model_thread(config) if workers == 1 else nullcontext(),
+        ):
+            engine = LocalEngine(config, recorder=recorder)
+            try:
+                engine.start()
+                _run_with_progress(
+                    console, engine, inputs, out_dir, workers, pool, outcomes, stop_signal
                 )
-            else:
-                console.print("interrupted after every image had finished", soft_wrap=True)
+            except RuntimeError as exc:
+                raise click.ClickException(str(exc)) from exc
+            finally:
+                engine.stop()
+    except KeyboardInterrupt as interrupt:
+        # Ctrl-C or SIGTERM: at start-up, during the batch (the images running finished and
+        # were printed) or while the engine and the worker processes were stopping. A signal
+        # that came while an error stopped the batch does not hide the error.
+        error = _error_behind(interrupt)
+        if error is not None:
+            raise error from None
+        stop_signal.received = stop_signal.received or signal.SIGINT
+
+    try:
+        with stop_signal.deferred():
+            batch.remove_replaced_failure_records(
+                recorder.store,
+                out_dir,
+                (outcome.execution for outcome in outcomes if outcome.status != "SKIPPED"),
+            )
+            _print_summary(console, outcomes, time.perf_counter() - started, out_dir)
+    except KeyboardInterrupt:
+        pass  # the signal is kept in stop_signal.received
     if stop_signal.received:
-        sys.exit(128 + int(stop_signal.received))
-    if any(outcome.status == "FAILED" for outcome in outcomes):
-        sys.exit(1)
+        not_started = len(inputs) - len(outcomes)
+        if not_started:
+            console.print(
+                f"interrupted: {not_started} of {len(inputs)} images were not started; run "
+                "the same command again to process them",
+                soft_wrap=True,
+            )
+        else:
+            console.print("interrupted after every image had finished", soft_wrap=True)
+        return 128 + int(stop_signal.received)
+    return 1 if any(outcome.status == "FAILED" for outcome in outcomes) else 0
+
+
+def _error_behind(interrupt: BaseException) -> click.ClickException | None:
+    """Return the error that INTERRUPT replaced while it propagated, as a ClickException, if any."""
+    seen = interrupt.__context__
+    while seen is not None:
+        if isinstance(seen, click.ClickException):
+            return seen
+        if isinstance(seen, RuntimeError):
+            return click.ClickException(str(seen))
+        seen = seen.__context__
+    return None
 
 
 def _earlier_results(state_dir: Path, output_prefix: str) -> list[Path]:

@@ -117,7 +117,10 @@ def _run_in_sequence(
     except KeyboardInterrupt:
         stop.set()
         _join_despite_interrupts(runner)
-        _report_rest(issued, position, outcomes, on_done)
+        failed = _report_rest(issued, position, outcomes, on_done)
+        if failed is not None:
+            # An image that ended with an error is not an image that did not start.
+            raise failed from None
         raise BatchInterrupted(outcomes) from None
     except BaseException as exc:
         # An image's error stops the batch. The running execution ends and its results are
@@ -136,10 +139,13 @@ def _outcome_of(item: InputFile, future: Future[ImageOutcome]) -> ImageOutcome:
     try:
         return future.result()
     except Exception as exc:
-        raise WorkerProcessError(
-            f"running '{item.key}' failed in this process:\n"
-            f"{''.join(traceback.format_exception(exc))}"
-        ) from exc
+        raise _image_error(item, exc) from exc
+
+
+def _image_error(item: InputFile, exc: BaseException) -> WorkerProcessError:
+    return WorkerProcessError(
+        f"running '{item.key}' failed in this process:\n{''.join(traceback.format_exception(exc))}"
+    )
 
 
 def _run_all(
@@ -210,14 +216,17 @@ def _report_rest(
     start: int,
     outcomes: list[ImageOutcome],
     on_done: Callable[[ImageOutcome], None] | None,
-) -> None:
+) -> WorkerProcessError | None:
     """Report the images from ISSUED[START] on that ended, once the runner has ended.
 
-    Images that failed with an error are left out, because the batch is already ending. Ctrl-C
-    while reporting one image goes on with the next.
+    Returns the error of the first image that raised one, if any, for the caller to raise once
+    the others are reported. Ctrl-C while reporting one image goes on with the next.
     """
-    for _, future in issued[start:]:
-        if future.exception() is not None:
+    failed = None
+    for item, future in issued[start:]:
+        exc = future.exception()
+        if exc is not None:
+            failed = failed or _image_error(item, exc)
             continue
         outcome = future.result()
         outcomes.append(outcome)
@@ -225,6 +234,7 @@ def _report_rest(
             continue
         with contextlib.suppress(KeyboardInterrupt):
             on_done(outcome)
+    return failed
 
 
 def _wait_quietly(future: Future[ImageOutcome]) -> None:
