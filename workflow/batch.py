@@ -512,7 +512,7 @@ class FinishedRun:
 def execute(engine: LocalEngine, photo: ReadPhoto, out_dir: Path) -> FinishedRun:
     """Upload PHOTO, run its execution and take what it published out of the engine.
 
-    The engine then no longer holds the run's objects or execution, so the next photo can be
+    The engine then no longer keeps the run's objects or execution, so the next photo can be
     uploaded (under the same key, even) while this one's files are written.
     """
     event = engine.upload(
@@ -590,7 +590,9 @@ def write_results(engine: LocalEngine, finished: FinishedRun, out_dir: Path) -> 
     if result.status == "SUCCEEDED" and result.skipped_reason:
         outcome = ImageOutcome(key, "SKIPPED", result.name, reason=result.skipped_reason)
     elif result.status == "SUCCEEDED":
-        assert finished.output and finished.image is not None and finished.sidecar is not None
+        assert finished.output is not None
+        assert finished.image is not None
+        assert finished.sidecar is not None
         output, sidecar = finished.output, finished.sidecar
         document = json.loads(sidecar)
         replaced = _replaces_other_content(out_dir, output["sidecarKey"], document)
