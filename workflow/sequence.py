@@ -87,7 +87,7 @@ def _run_in_sequence(
     on_done: Callable[[ImageOutcome], None] | None,
 ) -> list[ImageOutcome]:
     # The runner thread appends a future for each image it finishes with to ISSUED, and puts a
-    # token on WAKE for each. The list, not the queue, is what is left to report, so that
+    # token on WAKE for each. The list, not the queue, records what is left to report, so that
     # Ctrl-C while a token is taken off the queue loses no outcome.
     issued: list[tuple[InputFile, Future[ImageOutcome]]] = []
     wake: queue.Queue[bool] = queue.Queue()
