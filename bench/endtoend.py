@@ -15,8 +15,8 @@ The camera-photo scenarios run REPEATS times, one worker and two in turn, and re
   recording the history, fetching results, writing files. The same figure on 1600 x 1200
   photos shows how the fixed cost per image weighs on small photos.
 - workers: the same with two workers; speedup = one worker's wall time / two workers'. Two
-  workers are this process and one spawned worker process, started before this process's
-  engine as `labelmark run` starts it, so that this figure is the batch's own scaling; the
+  workers are this process and one spawned worker process. It starts before this process's
+  engine, as in `labelmark run`, so this figure is the batch's own scaling, and the
   whole-command figures below include start-up. Handler time is then measured in this process
   only.
 - whole command: the camera photos with one worker and with two, timed from before the engine

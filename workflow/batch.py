@@ -8,7 +8,6 @@ import json
 import os
 import stat
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
@@ -374,10 +373,7 @@ def _run_in_process(
         try:
             outcome = future.result()
         except Exception as exc:
-            raise WorkerProcessError(
-                f"running '{images[future].key}' failed in this process:\n"
-                f"{''.join(traceback.format_exception(exc))}"
-            ) from exc
+            raise WorkerProcessError.in_this_process(images[future].key, exc) from exc
         outcomes.append(outcome)
         if on_done is not None:
             on_done(outcome)
@@ -431,7 +427,10 @@ def _report_running(
 def _report_despite_interrupts(
     report: Callable[[Future[ImageOutcome]], None], future: Future[ImageOutcome]
 ) -> bool:
-    """Wait for FUTURE, ignoring further Ctrl-C, then REPORT it unless it raised; return whether it did not."""
+    """Wait for FUTURE, ignoring further Ctrl-C, then REPORT it unless it raised.
+
+    Returns False when FUTURE raised, True when it was reported.
+    """
     while not future.done():
         try:
             wait([future])
@@ -465,7 +464,7 @@ class ReadPhoto:
 
 
 def read_photo(engine: LocalEngine, item: InputFile) -> ReadPhoto | ImageOutcome:
-    """Read ITEM and keep its bytes in ENGINE's state folder; return a FAILED outcome if it fails.
+    """Read ITEM and keep its bytes in ENGINE's state folder, or return a FAILED outcome.
 
     Nothing here touches the engine's buckets or executions, so the next photo can be read while
     the engine runs another.
@@ -560,7 +559,7 @@ def write_outcome(engine: LocalEngine, key: str, result: RunResult, out_dir: Pat
 
 
 def collect_results(engine: LocalEngine, key: str, result: RunResult, out_dir: Path) -> FinishedRun:
-    """Read what the run RESULT published from ENGINE's buckets; note OUT_DIR in its record."""
+    """Read what the run RESULT published from ENGINE's buckets, and note OUT_DIR in its record."""
     if engine.recorder is not None:
         engine.recorder.store.set_output_folder(result.name, out_dir)
     finished = FinishedRun(key, result)

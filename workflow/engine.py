@@ -267,7 +267,7 @@ class LocalEngine:
         the same and about 4 ms of request signing and parsing is saved. Uploads with EXTRA
         arguments (content type, metadata) go through the S3 client.
 
-        MD5, BODY's MD5 in hex, is its ETag; a caller that computed it on another thread saves
+        MD5, BODY's MD5 in hex, is its ETag. A caller that computed it on another thread saves
         this one the time. SAVED_DIGEST is the SHA-256 under which the recorder's state folder
         already keeps BODY (`ExecutionStore.save_blob`), so it is not hashed and written again.
         """

@@ -26,7 +26,6 @@ import contextlib
 import os
 import queue
 import threading
-import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -100,7 +99,7 @@ def _run_in_sequence(
     )
     runner.start()
     outcomes: list[ImageOutcome] = []
-    position = 0  # issued[:position] are reported
+    position = 0  # the images in issued[:position] are reported
 
     def report_next() -> None:
         nonlocal position
@@ -139,13 +138,7 @@ def _outcome_of(item: InputFile, future: Future[ImageOutcome]) -> ImageOutcome:
     try:
         return future.result()
     except Exception as exc:
-        raise _image_error(item, exc) from exc
-
-
-def _image_error(item: InputFile, exc: BaseException) -> WorkerProcessError:
-    return WorkerProcessError(
-        f"running '{item.key}' failed in this process:\n{''.join(traceback.format_exception(exc))}"
-    )
+        raise WorkerProcessError.in_this_process(item.key, exc) from exc
 
 
 def _run_all(
@@ -226,7 +219,7 @@ def _report_rest(
     for item, future in issued[start:]:
         exc = future.exception()
         if exc is not None:
-            failed = failed or _image_error(item, exc)
+            failed = failed or WorkerProcessError.in_this_process(item.key, exc)
             continue
         outcome = future.result()
         outcomes.append(outcome)

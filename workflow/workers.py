@@ -68,6 +68,13 @@ _PARENT = 0
 class WorkerProcessError(RuntimeError):
     """A worker raised while running one image, as `run_one` raises in a single process."""
 
+    @classmethod
+    def in_this_process(cls, key: str, error: BaseException) -> WorkerProcessError:
+        """Return the error for image KEY that raised ERROR in this process, with its traceback."""
+        return cls(
+            f"running '{key}' failed in this process:\n{''.join(traceback.format_exception(error))}"
+        )
+
 
 @dataclass(frozen=True)
 class _WorkerSettings:
