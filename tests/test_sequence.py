@@ -8,6 +8,7 @@ import io
 import json
 import os
 import queue
+import threading
 import time
 from pathlib import Path
 
@@ -278,3 +279,103 @@ def test_interrupt_keeps_error_of_running_image(
         run_batch(engine, inputs, tmp_path / "out", workers=workers, on_done=interrupt)
 
     assert str(raised.value).startswith("running 'p1.jpg' failed in this process:")
+
+
+def test_file_work_waits_for_first_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN one worker and three photos WHEN it runs them THEN the next photo is read, and the
+    # last run's files are written, only once the current execution's detect stage has begun
+    from workflow import sequence
+
+    steps: list[str] = []
+    original_read, original_write = sequence.read_photo, sequence.write_results
+
+    def read(engine: LocalEngine, item: InputFile) -> object:
+        steps.append(f"read {item.key}")
+        return original_read(engine, item)
+
+    def write(engine: LocalEngine, finished: object, out_dir: Path) -> ImageOutcome:
+        outcome = original_write(engine, finished, out_dir)  # type: ignore[arg-type]
+        steps.append(f"wrote {outcome.key}")
+        return outcome
+
+    monkeypatch.setattr(sequence, "read_photo", read)
+    monkeypatch.setattr(sequence, "write_results", write)
+    inputs = _photos(tmp_path / "photos", 3)
+
+    with LocalEngine(CONFIG) as engine:
+        original_invoke = engine.dispatcher.invoke
+
+        def invoke(function_name: str, payload: bytes | str | None) -> dict[str, object]:
+            if "detect" in function_name:
+                # Photos run in input order, so the Nth detect call is that of pN.jpg.
+                count = sum(step.startswith("detect") for step in steps)
+                steps.append(f"detect p{count}.jpg")
+            return original_invoke(function_name, payload)
+
+        engine.dispatcher.invoke = invoke  # type: ignore[method-assign]
+        outcomes = run_batch(engine, inputs, tmp_path / "out", workers=1)
+
+    assert [outcome.status for outcome in outcomes] == ["SUCCEEDED"] * 3
+    assert steps.index("read p1.jpg") > steps.index("detect p0.jpg")
+    assert steps.index("read p2.jpg") > steps.index("detect p1.jpg")
+    assert steps.index("wrote p0.jpg") > steps.index("detect p1.jpg")
+    assert steps.index("wrote p1.jpg") > steps.index("detect p2.jpg")
+    assert "wrote p2.jpg" in steps
+
+
+def test_run_without_stage_does_not_hold_back_next(tmp_path: Path) -> None:
+    # GIVEN an empty file, which the state machine skips before any stage, then a photo
+    # WHEN one worker runs them THEN the empty one is skipped and the photo succeeds
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a-empty.jpg").write_bytes(b"")
+    (folder / "b.jpg").write_bytes(_jpeg((120, 60, 30)))
+    inputs = [
+        InputFile(folder / "a-empty.jpg", "a-empty.jpg"),
+        InputFile(folder / "b.jpg", "b.jpg"),
+    ]
+
+    with LocalEngine(CONFIG) as engine:
+        outcomes = run_batch(engine, inputs, tmp_path / "out", workers=1)
+
+    assert [(outcome.key, outcome.status) for outcome in outcomes] == [
+        ("a-empty.jpg", "SKIPPED"),
+        ("b.jpg", "SUCCEEDED"),
+    ]
+
+
+def test_wait_for_stage_returns_when_run_ends_without_one(tmp_path: Path) -> None:
+    # GIVEN an execution for an empty object, which ends before any stage WHEN the engine waits
+    # for its first stage THEN the wait ends with the execution, long before its timeout
+    with LocalEngine(CONFIG) as engine:
+        begun = engine.dispatcher.begun
+        execution_arn = engine.start_execution(engine.upload("empty.jpg", b""))
+        waited_from = time.monotonic()
+        engine.wait_for_stage(execution_arn, begun, timeout=60)
+        waited = time.monotonic() - waited_from
+        status = engine.describe(execution_arn)["status"]
+
+    assert status == "SUCCEEDED"
+    assert engine.dispatcher.begun == begun
+    assert waited < 30
+
+
+def test_wait_for_invocation_sees_only_later_ones() -> None:
+    # GIVEN a dispatcher WHEN an invocation begins on another thread THEN a wait from before it
+    # returns True, and a wait from after it times out with False
+    from workflow.dispatch import LambdaDispatcher
+
+    def fail(stage: str, event: dict[str, object]) -> None:
+        raise RuntimeError("no handler is needed here")
+
+    dispatcher = LambdaDispatcher(region="us-east-1", fault_hook=fail)
+    before = dispatcher.begun
+    caller = threading.Timer(0.2, dispatcher.invoke, args=("labelmark-detect", b"{}"))
+    caller.start()
+    try:
+        assert dispatcher.wait_for_invocation(before, timeout=30)
+    finally:
+        caller.join()
+        dispatcher.shutdown()
+    assert dispatcher.begun == before + 1
+    assert not dispatcher.wait_for_invocation(dispatcher.begun, timeout=0.05)

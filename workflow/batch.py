@@ -508,16 +508,30 @@ class FinishedRun:
     started: float = 0.0
 
 
-def execute(engine: LocalEngine, photo: ReadPhoto, out_dir: Path) -> FinishedRun:
+def execute(
+    engine: LocalEngine,
+    photo: ReadPhoto,
+    out_dir: Path,
+    *,
+    on_running: Callable[[], None] | None = None,
+) -> FinishedRun:
     """Upload PHOTO, run its execution and take what it published out of the engine.
 
     The engine then no longer keeps the run's objects or execution, so the next photo can be
-    uploaded (under the same key, even) while this one's files are written.
+    uploaded (under the same key, even) while this one's files are written. ON_RUNNING is
+    called once the execution's first stage has begun, or it ended without one.
     """
     event = engine.upload(
         photo.item.key, photo.body, md5=photo.md5, saved_digest=photo.saved_digest
     )
-    result = engine.run(event)
+    if on_running is None:
+        result = engine.run(event)
+    else:
+        begun = engine.dispatcher.begun
+        execution_arn = engine.start_execution(event)
+        engine.wait_for_stage(execution_arn, begun)
+        on_running()
+        result = engine.wait(execution_arn)
     finished = collect_results(engine, photo.item.key, result, out_dir)
     finished.started = photo.started
     _release_objects(engine, photo.item.key, result)

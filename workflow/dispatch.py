@@ -86,7 +86,8 @@ class LambdaDispatcher:
     region: str
     fault_hook: FaultHook | None = None
     invocations: dict[str, int] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    begun: int = 0  # invocations begun in this process, in all stages
+    _lock: threading.Condition = field(default_factory=threading.Condition)
     _pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(thread_name_prefix="labelmark-lambda")
     )
@@ -98,6 +99,8 @@ class LambdaDispatcher:
         event = json.loads(payload or "{}")
         with self._lock:
             self.invocations[stage] = self.invocations.get(stage, 0) + 1
+            self.begun += 1
+            self._lock.notify_all()
 
         try:
             result = self._run_with_timeout(stage, function, event)
@@ -138,6 +141,14 @@ class LambdaDispatcher:
             # NOTE: a thread cannot be stopped, so a timed-out handler runs on in the background
             # until it returns. The run has already moved on, as it would on AWS.
             raise _Timeout from exc
+
+    def wait_for_invocation(self, begun: int, timeout: float) -> bool:
+        """Wait until more than BEGUN invocations have begun, for TIMEOUT seconds at most.
+
+        Returns whether they have. BEGUN is a value of `begun` read earlier.
+        """
+        with self._lock:
+            return self._lock.wait_for(lambda: self.begun > begun, timeout)
 
     @staticmethod
     def _stage_for(function_name: str) -> str:

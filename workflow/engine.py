@@ -354,6 +354,18 @@ class LocalEngine:
             # Wakes as soon as any execution ends, and after POLL seconds at the latest.
             wait_for_termination(poll)
 
+    def wait_for_stage(self, execution_arn: str, begun: int, *, timeout: float = 5.0) -> None:
+        """Wait until a Lambda stage begins, the execution ends, or TIMEOUT seconds pass.
+
+        BEGUN is the dispatcher's count of invocations begun (`dispatcher.begun`), read before
+        the execution started; any invocation after it counts, so this is meant for one
+        execution at a time.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.dispatcher.wait_for_invocation(begun, 0.005):
+            if self.describe(execution_arn)["status"] in _TERMINAL or time.monotonic() > deadline:
+                return
+
     def run(
         self, event: dict[str, Any], name: str | None = None, *, timeout: float = 600.0
     ) -> RunResult:

@@ -7,6 +7,13 @@ the output folder afterwards. That work releases the GIL, so it runs on two more
 next photo is read while the engine runs the current one, and the previous one's results are
 written meanwhile. On 2 cores this takes about 10 ms a camera photo off the wall time.
 
+That file work waits until the current execution's first stage has begun. The start of an
+execution is a chain of short steps on four threads (StartExecution, the interpreter, the Task
+state's thread, the Lambda call), each waiting for the one before; with the file threads busy on
+the other core, that chain took 6 to 9 ms a photo instead of under 2. Detect's decode and model
+call leave the other core free, so the file work costs less there. When the next photo is still
+being read once a run ends, the run's results are written without waiting for the next start.
+
 The label model runs with one thread here (unless LABELMARK_MODEL_THREADS sets a count), because
 its call is a small part of detect's work and a second thread takes the core the file threads
 use. On 100 camera photos, one worker took 17.2 and 18.7 s with one model thread and 19.3 and
@@ -23,6 +30,7 @@ finds it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import threading
@@ -32,8 +40,10 @@ from pathlib import Path
 
 from workflow.batch import (
     BatchInterrupted,
+    FinishedRun,
     ImageOutcome,
     InputFile,
+    ReadPhoto,
     execute,
     read_photo,
     write_results,
@@ -152,11 +162,34 @@ def _run_all(
     """Run every input in order until STOP is set, issuing one future per image, then wake False."""
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelmark-read")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelmark-write")
+    reading: Future[ReadPhoto | ImageOutcome] | None = None
     writing: Future[ImageOutcome] | None = None
+    # The last run that ended, with its input, until its files are handed to the writer.
+    ended: tuple[InputFile, FinishedRun] | None = None
 
     def issue(item: InputFile, future: Future[ImageOutcome]) -> None:
         issued.append((item, future))
         wake.put(True)
+
+    def write_ended() -> None:
+        nonlocal writing, ended
+        if ended is None:
+            return
+        if writing is not None:
+            # One result is written at a time, so a slow disk holds back the batch instead of
+            # filling memory with results.
+            _wait_quietly(writing)
+        item, finished = ended
+        ended = None
+        writing = writer.submit(write_results, engine, finished, out_dir)
+        issue(item, writing)
+
+    def start_file_work(index: int) -> None:
+        # Read one photo ahead, not more, because each read photo is a whole file in memory.
+        nonlocal reading
+        if index + 1 < len(inputs):
+            reading = reader.submit(read_photo, engine, inputs[index + 1])
+        write_ended()
 
     try:
         reading = reader.submit(read_photo, engine, inputs[0]) if inputs else None
@@ -164,32 +197,34 @@ def _run_all(
             if stop.is_set():
                 break
             assert reading is not None
+            if not reading.done():
+                # The next photo is still being read, so the last run's files need not wait for
+                # its execution to begin.
+                write_ended()
             try:
                 photo = reading.result()
             except BaseException as exc:
+                write_ended()
                 issue(item, _failed(exc))
                 break
             # A slow read (a large file, a slow disk) may end after a stop request.
             if stop.is_set():
                 break
-            # Read one photo ahead, not more, because each read photo is a whole file in memory.
-            if index + 1 < len(inputs):
-                reading = reader.submit(read_photo, engine, inputs[index + 1])
             if isinstance(photo, ImageOutcome):
+                start_file_work(index)
                 issue(item, _resolved(photo))
                 continue
             try:
-                finished = execute(engine, photo, out_dir)
+                finished = execute(
+                    engine, photo, out_dir, on_running=functools.partial(start_file_work, index)
+                )
             except BaseException as exc:
+                write_ended()
                 issue(item, _failed(exc))
                 break
-            if writing is not None:
-                # One result waits to be written at most, so a slow disk holds back the batch
-                # instead of filling memory with results.
-                _wait_quietly(writing)
-            writing = writer.submit(write_results, engine, finished, out_dir)
-            issue(item, writing)
+            ended = (item, finished)
     finally:
+        write_ended()
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)
         wake.put(False)
