@@ -108,7 +108,7 @@ def run_scenario(photos: list[Path], workers: int, checkpoints: list[int]) -> di
     _quiet()
     from workflow import batch
     from workflow.batch import InputFile, collect_inputs, run_batch
-    from workflow.engine import EngineConfig, LocalEngine
+    from workflow.engine import EngineConfig, LocalEngine, started_objects_frozen
     from workflow.records import ExecutionStore, Recorder
     from workflow.sequence import one_model_thread
     from workflow.workers import WorkerPool
@@ -138,6 +138,7 @@ def run_scenario(photos: list[Path], workers: int, checkpoints: list[int]) -> di
             pool or nullcontext(),
             one_model_thread(config) if workers == 1 else nullcontext(),
             LocalEngine(config, recorder=recorder) as engine,
+            started_objects_frozen(),
         ):
             # One warm-up image, not part of the batch, loads the model and the handler modules
             # outside the timed part, and gives the worker process time to start.
@@ -184,7 +185,7 @@ def run_whole_command(photos: list[Path], workers: int) -> dict[str, Any]:
     _quiet()
     from workflow import batch
     from workflow.batch import collect_inputs, run_batch
-    from workflow.engine import EngineConfig, LocalEngine
+    from workflow.engine import EngineConfig, LocalEngine, started_objects_frozen
     from workflow.records import ExecutionStore, Recorder
     from workflow.sequence import one_model_thread
     from workflow.workers import WorkerPool
@@ -208,6 +209,7 @@ def run_whole_command(photos: list[Path], workers: int) -> dict[str, Any]:
             pool or nullcontext(),
             one_model_thread(config) if workers == 1 else nullcontext(),
             LocalEngine(config, recorder=recorder) as engine,
+            started_objects_frozen(),
         ):
             engine_ready = time.perf_counter() - started
             outcomes = run_batch(

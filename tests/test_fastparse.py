@@ -270,3 +270,35 @@ def test_batch_integration_loaded_on_demand() -> None:
     assert module == fastparse._BATCH_MODULE
     assert name == "StateTaskServiceBatch"
     assert loaded_after == "True"
+
+
+def test_end_before_wait_wakes_it_at_once() -> None:
+    # GIVEN the count of ended executions read before an execution ends WHEN a wait with that
+    # count starts after the end THEN it returns at once instead of after its timeout
+    import time
+
+    with LocalEngine(EngineConfig(detector="rekognition", real_rekognition=False)) as engine:
+        seen = fastparse.terminations()
+        result = engine.run(engine.upload("photo.jpg", b""))
+        waited_from = time.monotonic()
+        fastparse.wait_for_termination(seen, timeout=60)
+        waited = time.monotonic() - waited_from
+
+    assert result.status == "SUCCEEDED"
+    assert fastparse.terminations() > seen
+    assert waited < 30
+
+
+def test_started_objects_frozen_only_inside() -> None:
+    # GIVEN no frozen objects WHEN the block runs THEN the objects alive at its start are frozen
+    # inside it and collected as before after it
+    import gc
+
+    from workflow.engine import started_objects_frozen
+
+    before = gc.get_freeze_count()
+    with started_objects_frozen():
+        inside = gc.get_freeze_count()
+
+    assert inside > before
+    assert gc.get_freeze_count() == before

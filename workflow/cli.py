@@ -21,7 +21,7 @@ from workflow import batch
 from workflow.batch import ImageOutcome, InputError, collect_inputs, run_batch
 from workflow.cli_options import StopSignal, detector_option, out_dir_option
 from workflow.display import printable
-from workflow.engine import EngineConfig, LocalEngine
+from workflow.engine import EngineConfig, LocalEngine, started_objects_frozen
 from workflow.localfiles import is_inside
 from workflow.records import ExecutionStore, Recorder, default_state_dir
 from workflow.sequence import one_model_thread
@@ -221,9 +221,10 @@ def _run(
             engine = LocalEngine(config, recorder=recorder)
             try:
                 engine.start()
-                _run_with_progress(
-                    console, engine, inputs, out_dir, workers, pool, outcomes, stop_signal
-                )
+                with started_objects_frozen():
+                    _run_with_progress(
+                        console, engine, inputs, out_dir, workers, pool, outcomes, stop_signal
+                    )
             except RuntimeError as exc:
                 raise click.ClickException(str(exc)) from exc
             finally:

@@ -41,6 +41,7 @@ __all__ = [
     "install_parse_cache",
     "parse_cached",
     "prune_finished_threads",
+    "terminations",
     "wait_for_termination",
 ]
 
@@ -91,10 +92,18 @@ def cache_size() -> int:
     return len(_cache)
 
 
-def wait_for_termination(timeout: float) -> None:
-    """Block until some execution ends or TIMEOUT seconds pass, whichever comes first."""
+def terminations() -> int:
+    """Return how many executions have ended so far, to pass to `wait_for_termination`."""
+    return _terminations
+
+
+def wait_for_termination(seen: int, timeout: float) -> None:
+    """Block until an execution ends after SEEN had, or TIMEOUT seconds pass.
+
+    SEEN is a value of `terminations()` read before the caller last looked at the executions,
+    so that an end between that look and this call is not missed.
+    """
     with _terminated:
-        seen = _terminations
         _terminated.wait_for(lambda: _terminations != seen, timeout=timeout)
 
 

@@ -42,7 +42,7 @@ from types import TracebackType
 from typing import Any
 
 from workflow.batch import BatchInterrupted, ImageOutcome, InputFile, run_one
-from workflow.engine import EngineConfig, LocalEngine
+from workflow.engine import EngineConfig, LocalEngine, started_objects_frozen
 from workflow.records import ExecutionStore, Recorder
 
 __all__ = [
@@ -431,15 +431,16 @@ def _worker_main(worker: int, settings: _WorkerSettings, tasks: Any, results: An
     invocations: dict[str, int] = {}
     try:
         results.put(("ready", worker))
-        while (task := _next_task(tasks)) is not None:
-            index, item, out_dir = task
-            results.put(("taken", worker, index))
-            try:
-                outcome = run_one(engine, item, Path(out_dir))
-            except Exception:  # sent to the calling process, which raises it
-                results.put(("error", worker, index, traceback.format_exc()))
-                return
-            results.put(("done", worker, index, outcome))
+        with started_objects_frozen():
+            while (task := _next_task(tasks)) is not None:
+                index, item, out_dir = task
+                results.put(("taken", worker, index))
+                try:
+                    outcome = run_one(engine, item, Path(out_dir))
+                except Exception:  # sent to the calling process, which raises it
+                    results.put(("error", worker, index, traceback.format_exc()))
+                    return
+                results.put(("done", worker, index, outcome))
         invocations = dict(engine.dispatcher.invocations)
     finally:
         engine.stop()
