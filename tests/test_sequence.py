@@ -164,6 +164,36 @@ def test_write_error_names_image(
     assert sorted(reported) == sorted(set(started) - {"p0.jpg"})
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one worker", "threads"])
+def test_full_disk_reports_every_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    # GIVEN a disk that is full from the first result on WHEN the batch runs THEN the error names
+    # the first image, and every other image that started is reported as FAILED with the cause
+    from workflow import batch
+
+    def write_object(root: Path, key: str, data: bytes) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(batch, "write_object", write_object)
+    inputs = _photos(tmp_path / "photos", 6)
+    reported: list[ImageOutcome] = []
+    started: list[str] = []
+
+    with LocalEngine(CONFIG) as engine:
+        _count_uploads(engine, started)
+        with pytest.raises(WorkerProcessError) as raised:
+            run_batch(engine, inputs, tmp_path / "out", workers=workers, on_done=reported.append)
+
+    first = str(raised.value).split("'")[1]
+    assert first in started
+    assert len(started) >= 2
+    assert sorted(outcome.key for outcome in reported) == sorted(set(started) - {first})
+    for outcome in reported:
+        assert outcome.status == "FAILED"
+        assert "No space left on device" in outcome.reason
+
+
 def test_stop_during_slow_read_starts_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -192,6 +222,63 @@ def test_stop_during_slow_read_starts_nothing(
 
     assert started == ["p0.jpg"]
     assert [outcome.key for outcome in interrupted.value.outcomes] == ["p0.jpg"]
+
+
+def test_stop_during_hung_read_ends_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN one worker whose second photo's read never ends (a network share that went away)
+    # WHEN Ctrl-C comes THEN the batch ends with the first photo reported, without that read
+    from workflow import sequence
+
+    original = sequence.read_photo
+    hung = threading.Event()
+    read_ended = threading.Event()
+
+    def hanging_read(engine: LocalEngine, item: InputFile) -> object:
+        if item.key == "p1.jpg":
+            hung.wait(timeout=20)
+            read_ended.set()
+        return original(engine, item)
+
+    def interrupt(outcome: ImageOutcome) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sequence, "read_photo", hanging_read)
+    inputs = _photos(tmp_path / "photos", 3)
+    started: list[str] = []
+    try:
+        with LocalEngine(CONFIG) as engine:
+            _count_uploads(engine, started)
+            with pytest.raises(BatchInterrupted) as interrupted:
+                run_batch(engine, inputs, tmp_path / "out", workers=1, on_done=interrupt)
+            batch_ended_during_read = not read_ended.is_set()
+    finally:
+        hung.set()
+
+    assert batch_ended_during_read
+    assert started == ["p0.jpg"]
+    assert [outcome.key for outcome in interrupted.value.outcomes] == ["p0.jpg"]
+
+
+def test_pipe_in_photo_place_does_not_block(tmp_path: Path) -> None:
+    # GIVEN a pipe where a listed photo was WHEN it is read THEN the read fails at once, naming
+    # the path, instead of waiting for a writer
+    from workflow.batch import read_photo
+
+    pipe = tmp_path / "photo.jpg"
+    os.mkfifo(pipe)
+    results: queue.Queue[object] = queue.Queue()
+
+    with LocalEngine(CONFIG) as engine:
+        reader = threading.Thread(
+            target=lambda: results.put(read_photo(engine, InputFile(pipe, "photo.jpg"))),
+            daemon=True,
+        )
+        reader.start()
+        outcome = results.get(timeout=30)
+
+    assert isinstance(outcome, ImageOutcome)
+    assert outcome.status == "FAILED"
+    assert "is no longer a regular file" in outcome.reason
 
 
 def test_interrupt_while_taking_result_loses_none(
@@ -344,7 +431,7 @@ def test_run_without_stage_does_not_hold_back_next(tmp_path: Path) -> None:
     ]
 
 
-def test_wait_for_stage_returns_when_run_ends_without_one(tmp_path: Path) -> None:
+def test_wait_for_stage_ends_with_run(tmp_path: Path) -> None:
     # GIVEN an execution for an empty object, which ends before any stage WHEN the engine waits
     # for its first stage THEN the wait ends with the execution, long before its timeout
     with LocalEngine(CONFIG) as engine:

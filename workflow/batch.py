@@ -368,12 +368,14 @@ def _run_in_process(
     outcomes: list[ImageOutcome] = []
     reported: set[Future[ImageOutcome]] = set()
 
-    def report(future: Future[ImageOutcome]) -> None:
+    def report(future: Future[ImageOutcome], raise_error: bool = True) -> None:
         reported.add(future)
         try:
             outcome = future.result()
         except Exception as exc:
-            raise WorkerProcessError.in_this_process(images[future].key, exc) from exc
+            if raise_error:
+                raise WorkerProcessError.in_this_process(images[future].key, exc) from exc
+            outcome = failed_in_this_process(images[future].key, exc)
         outcomes.append(outcome)
         if on_done is not None:
             on_done(outcome)
@@ -390,28 +392,41 @@ def _run_in_process(
             # Images not started yet are dropped; those running finish, so that none is left
             # half written, and are reported. A second Ctrl-C while they finish changes nothing,
             # so that no finished image goes unreported.
-            failed = _report_running(futures, reported, report)
+            failed = _report_running(futures, reported, report, keep_first_error=True)
             if failed is not None:
                 # An image that ended with an error is not an image that did not start.
                 report(failed)
             raise BatchInterrupted(outcomes) from None
         except WorkerProcessError:
             # An image's error stops the batch: the others running finish and are reported
-            # before the error.
-            _report_running(futures, reported, report)
+            # before the error, those that failed too as FAILED.
+            _report_running(futures, reported, report, keep_first_error=False)
             raise
     return outcomes
+
+
+def failed_in_this_process(key: str, error: BaseException) -> ImageOutcome:
+    """Return a FAILED outcome for an image whose run or files raised ERROR in this process.
+
+    The first such error stops a batch and is raised. An image that fails the same way while the
+    batch stops (the next write to a full disk, say) gets this outcome, so that it has a line.
+    """
+    reason = f"failed in this process: {type(error).__name__}: {printable(str(error))}"
+    return ImageOutcome(key, "FAILED", "", reason=reason)
 
 
 def _report_running(
     futures: list[Future[ImageOutcome]],
     reported: set[Future[ImageOutcome]],
-    report: Callable[[Future[ImageOutcome]], None],
+    report: Callable[[Future[ImageOutcome], bool], None],
+    *,
+    keep_first_error: bool,
 ) -> Future[ImageOutcome] | None:
     """Cancel the FUTURES not started, wait for the running ones and REPORT those not reported.
 
-    Futures that raised are not reported. The first of them is returned, for the caller to raise
-    its error once the others are reported.
+    With KEEP_FIRST_ERROR, the first future that raised is not reported but returned, for the
+    caller to raise its error once the others are reported. Any other that raised is reported
+    as FAILED.
     """
     failed = None
     for future in futures:
@@ -419,29 +434,23 @@ def _report_running(
     for future in futures:
         if future.cancelled() or future in reported:
             continue
-        if not _report_despite_interrupts(report, future):
-            failed = failed or future
+        _wait_despite_interrupts(future)
+        if keep_first_error and failed is None and future.exception() is not None:
+            failed = future
+            continue
+        # The batch is already stopping, so a Ctrl-C while reporting changes nothing either.
+        with contextlib.suppress(KeyboardInterrupt):
+            report(future, False)
     return failed
 
 
-def _report_despite_interrupts(
-    report: Callable[[Future[ImageOutcome]], None], future: Future[ImageOutcome]
-) -> bool:
-    """Wait for FUTURE, ignoring further Ctrl-C, then REPORT it unless it raised.
-
-    Returns False when FUTURE raised, True when it was reported.
-    """
+def _wait_despite_interrupts(future: Future[ImageOutcome]) -> None:
+    """Wait for FUTURE to end, ignoring further Ctrl-C."""
     while not future.done():
         try:
             wait([future])
         except KeyboardInterrupt:
             continue
-    if future.exception() is not None:
-        return False
-    # The batch is already stopping, so a Ctrl-C while reporting changes nothing either.
-    with contextlib.suppress(KeyboardInterrupt):
-        report(future)
-    return True
 
 
 def run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome:
@@ -450,6 +459,11 @@ def run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome
     if isinstance(photo, ImageOutcome):
         return photo
     return write_results(engine, execute(engine, photo, out_dir), out_dir)
+
+
+# Opening a pipe to read blocks until a writer comes, unless the open does not block. Windows has
+# no pipes in the file system, nor the flag.
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 @dataclass
@@ -471,21 +485,29 @@ def read_photo(engine: LocalEngine, item: InputFile) -> ReadPhoto | ImageOutcome
     """
     started = time.perf_counter()
     try:
-        status = item.path.stat()
-        if not stat.S_ISREG(status.st_mode):
-            # A pipe would block the read for good, and a folder cannot be read as one file.
-            reason = f"'{printable(str(item.path))}' is no longer a regular file"
-            return ImageOutcome(item.key, "FAILED", "", reason=reason)
-        size = status.st_size
-        if size > engine.max_object_bytes:
-            # Detect would reject it by its size without reading it. Reading it here, to upload
-            # it and keep a copy for replays, could take more memory than the machine has.
-            reason = (
-                f"'{printable(item.key)}' is {size:,} bytes, the limit is "
-                f"{engine.max_object_bytes:,} bytes (MAX_OBJECT_BYTES), so it was not uploaded"
-            )
-            return ImageOutcome(item.key, "FAILED", "", reason=reason)
-        body = item.path.read_bytes()
+        # Opened without blocking and checked through the open file, so that a pipe put in the
+        # photo's place after the listing, even after a check of the path, cannot block the read.
+        descriptor = os.open(item.path, os.O_RDONLY | _NONBLOCK)
+        try:
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
+                # A folder cannot be read as one file either.
+                reason = f"'{printable(str(item.path))}' is no longer a regular file"
+                return ImageOutcome(item.key, "FAILED", "", reason=reason)
+            size = status.st_size
+            if size > engine.max_object_bytes:
+                # Detect would reject it by its size without reading it. Reading it here, to
+                # upload it and keep a copy for replays, could take more memory than the
+                # machine has.
+                reason = (
+                    f"'{printable(item.key)}' is {size:,} bytes, the limit is "
+                    f"{engine.max_object_bytes:,} bytes (MAX_OBJECT_BYTES), so it was not uploaded"
+                )
+                return ImageOutcome(item.key, "FAILED", "", reason=reason)
+            with open(descriptor, "rb", closefd=False) as handle:
+                body = handle.read()
+        finally:
+            os.close(descriptor)
     except OSError as exc:
         # Deleted or made unreadable after the batch was listed: this image fails, not the batch.
         reason = f"cannot read '{printable(str(item.path))}': {exc.strerror or exc}"

@@ -24,7 +24,8 @@ execution, whose objects are already out of the engine, and results are written 
 the runs ended. Two differences remain. A photo is read while the one before it runs, so a
 change to its file in that time is not seen. After Ctrl-C or an error, the photo read ahead
 does not run, but its copy stays in the state folder, where a later run of the same bytes
-finds it.
+finds it. A read that hangs (a network share that went away) does not hold up a stop: it is
+left to its daemon thread.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from workflow.batch import (
@@ -45,6 +46,7 @@ from workflow.batch import (
     InputFile,
     ReadPhoto,
     execute,
+    failed_in_this_process,
     read_photo,
     write_results,
 )
@@ -126,18 +128,18 @@ def _run_in_sequence(
     except KeyboardInterrupt:
         stop.set()
         _join_despite_interrupts(runner)
-        failed = _report_rest(issued, position, outcomes, on_done)
+        failed = _report_rest(issued, position, outcomes, on_done, keep_first_error=True)
         if failed is not None:
             # An image that ended with an error is not an image that did not start.
             raise failed from None
         raise BatchInterrupted(outcomes) from None
     except BaseException as exc:
         # An image's error stops the batch. The running execution ends and its results are
-        # written, so they are reported before the error.
+        # written, so they are reported before the error, and as FAILED if they raised too.
         stop.set()
         _join_despite_interrupts(runner)
-        failed_image = isinstance(exc, WorkerProcessError)
-        _report_rest(issued, position + 1 if failed_image else position, outcomes, on_done)
+        rest = position + 1 if isinstance(exc, WorkerProcessError) else position
+        _report_rest(issued, rest, outcomes, on_done, keep_first_error=False)
         raise
     runner.join()
     return outcomes
@@ -160,7 +162,6 @@ def _run_all(
     stop: threading.Event,
 ) -> None:
     """Run every input in order until STOP is set, issuing one future per image, then wake False."""
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelmark-read")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelmark-write")
     reading: Future[ReadPhoto | ImageOutcome] | None = None
     writing: Future[ImageOutcome] | None = None
@@ -188,11 +189,11 @@ def _run_all(
         # Read one photo ahead, not more, because each read photo is a whole file in memory.
         nonlocal reading
         if index + 1 < len(inputs):
-            reading = reader.submit(read_photo, engine, inputs[index + 1])
+            reading = _read_in_background(engine, inputs[index + 1])
         write_ended()
 
     try:
-        reading = reader.submit(read_photo, engine, inputs[0]) if inputs else None
+        reading = _read_in_background(engine, inputs[0]) if inputs else None
         for index, item in enumerate(inputs):
             if stop.is_set():
                 break
@@ -201,14 +202,15 @@ def _run_all(
                 # The next photo is still being read, so the last run's files need not wait for
                 # its execution to begin.
                 write_ended()
+            # A read can be slow (a large file, a slow disk) or hang (a network share that went
+            # away), and a photo read after a stop request does not run.
+            if not _wait_unless_stopped(reading, stop):
+                break
             try:
                 photo = reading.result()
             except BaseException as exc:
                 write_ended()
                 issue(item, _failed(exc))
-                break
-            # A slow read (a large file, a slow disk) may end after a stop request.
-            if stop.is_set():
                 break
             if isinstance(photo, ImageOutcome):
                 start_file_work(index)
@@ -224,10 +226,34 @@ def _run_all(
                 break
             ended = (item, finished)
     finally:
+        # A read still going is left to its thread, which does not keep the process alive.
         write_ended()
-        reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)
         wake.put(False)
+
+
+def _read_in_background(engine: LocalEngine, item: InputFile) -> Future[ReadPhoto | ImageOutcome]:
+    """Start reading ITEM on a daemon thread and return the future of its result."""
+    future: Future[ReadPhoto | ImageOutcome] = Future()
+    future.set_running_or_notify_cancel()
+
+    def read() -> None:
+        try:
+            future.set_result(read_photo(engine, item))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=read, name="labelmark-read", daemon=True).start()
+    return future
+
+
+def _wait_unless_stopped(future: Future[ReadPhoto | ImageOutcome], stop: threading.Event) -> bool:
+    """Wait for FUTURE to end; return False if STOP is set first."""
+    while not stop.is_set():
+        done, _ = wait([future], timeout=0.1)
+        if done:
+            return not stop.is_set()
+    return False
 
 
 def _join_despite_interrupts(runner: threading.Thread) -> None:
@@ -244,19 +270,25 @@ def _report_rest(
     start: int,
     outcomes: list[ImageOutcome],
     on_done: Callable[[ImageOutcome], None] | None,
+    *,
+    keep_first_error: bool,
 ) -> WorkerProcessError | None:
     """Report the images from ISSUED[START] on that ended, once the runner has ended.
 
-    Returns the error of the first image that raised one, if any, for the caller to raise once
-    the others are reported. Ctrl-C while reporting one image goes on with the next.
+    With KEEP_FIRST_ERROR, the error of the first image that raised one is not reported but
+    returned, for the caller to raise once the others are reported. Any other image that raised
+    is reported as FAILED. Ctrl-C while reporting one image goes on with the next.
     """
     failed = None
     for item, future in issued[start:]:
         exc = future.exception()
-        if exc is not None:
-            failed = failed or WorkerProcessError.in_this_process(item.key, exc)
+        if exc is None:
+            outcome = future.result()
+        elif keep_first_error and failed is None:
+            failed = WorkerProcessError.in_this_process(item.key, exc)
             continue
-        outcome = future.result()
+        else:
+            outcome = failed_in_this_process(item.key, exc)
         outcomes.append(outcome)
         if on_done is None:
             continue
