@@ -466,3 +466,20 @@ def test_wait_for_invocation_sees_only_later_ones() -> None:
         dispatcher.shutdown()
     assert dispatcher.begun == before + 1
     assert not dispatcher.wait_for_invocation(dispatcher.begun, timeout=0.05)
+
+
+def test_same_key_keeps_input_order(tmp_path: Path) -> None:
+    # GIVEN inputs k, k, other, k, the same key three times WHEN one worker runs them THEN the
+    # outcomes come back in that order
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    inputs = []
+    for index, key in enumerate(["k.jpg", "k.jpg", "other.jpg", "k.jpg"]):
+        path = folder / f"{index}.jpg"
+        path.write_bytes(_jpeg((40 * index, 90, 30)))
+        inputs.append(InputFile(path, key))
+
+    with LocalEngine(CONFIG) as engine:
+        outcomes = run_batch(engine, inputs, tmp_path / "out", workers=1)
+
+    assert [outcome.key for outcome in outcomes] == ["k.jpg", "k.jpg", "other.jpg", "k.jpg"]

@@ -350,9 +350,27 @@ def run_batch(
         from workflow.workers import run_with_processes
 
         outcomes = run_with_processes(engine, inputs, out_dir, workers=workers, on_done=on_done)
-    order = {item.key: index for index, item in enumerate(inputs)}
-    outcomes.sort(key=lambda outcome: order[outcome.key])
-    return outcomes
+    return _in_input_order(outcomes, inputs)
+
+
+def _in_input_order(outcomes: list[ImageOutcome], inputs: list[InputFile]) -> list[ImageOutcome]:
+    """Return OUTCOMES sorted in the order of INPUTS.
+
+    A key given more than once (the API allows it) has one outcome per input, and they take that
+    key's places in the order they ended.
+    """
+    places: dict[str, list[int]] = {}
+    for index, item in enumerate(inputs):
+        places.setdefault(item.key, []).append(index)
+    placed: dict[str, int] = {}
+    ordered = []
+    for outcome in outcomes:
+        count = placed.get(outcome.key, 0)
+        placed[outcome.key] = count + 1
+        key_places = places[outcome.key]
+        ordered.append((key_places[min(count, len(key_places) - 1)], outcome))
+    ordered.sort(key=lambda pair: pair[0])
+    return [outcome for _, outcome in ordered]
 
 
 def _run_in_process(
