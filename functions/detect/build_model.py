@@ -497,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output-dir",
         type=Path,
-        default=Path(os.environ.get("LABELMARK_MODEL_DIR", DEFAULT_OUTPUT_DIR)),
+        # An empty value means unset, as for the functions that read the model.
+        default=Path(os.environ.get("LABELMARK_MODEL_DIR") or DEFAULT_OUTPUT_DIR),
         help="folder to write the model into (default: $LABELMARK_MODEL_DIR or "
         "functions/detect/model)",
     )
