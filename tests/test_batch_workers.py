@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -371,6 +372,40 @@ def test_pool_restores_calling_process_cores(tmp_path: Path) -> None:
         outcomes = run_with_processes(engine, inputs, tmp_path / "out", workers=2)
 
     assert len(outcomes) == 3
+    assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two cores and thread affinity",
+)
+def test_cores_kept_for_earlier_threads() -> None:
+    # GIVEN a thread started before this process keeps to its share of the cores WHEN that
+    # share is set and undone THEN the earlier thread keeps to it too, and is freed after
+    import threading
+
+    cores = sorted(os.sched_getaffinity(0))
+    before = set(cores)
+    started, finish = threading.Event(), threading.Event()
+    seen: dict[str, set[int]] = {}
+
+    def earlier() -> None:
+        started.set()
+        finish.wait(timeout=30)
+        seen["pinned"] = os.sched_getaffinity(0)
+
+    thread = threading.Thread(target=earlier, daemon=True)
+    thread.start()
+    started.wait(timeout=30)
+    undo = workers._keep_to_cores((frozenset(cores[:1]), frozenset(cores[1:])))
+    assert undo is not None
+    try:
+        finish.set()
+        thread.join(timeout=30)
+    finally:
+        undo()
+
+    assert seen["pinned"] == {cores[0]}
     assert os.sched_getaffinity(0) == before
 
 

@@ -27,6 +27,7 @@ batches. Its workers wait on the queue until `WorkerPool.run` puts the batch on 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -479,12 +480,31 @@ def model_threads_per_process(processes: int) -> int:
 
 
 def _keep_to_cores(groups: tuple[frozenset[int], ...]) -> Callable[[], None] | None:
-    """Keep this thread, and the threads it starts, to the first of GROUPS; return the undo."""
+    """Keep this process's threads, and those they start, to the first of GROUPS; return the undo.
+
+    On Linux an affinity belongs to a thread and passes to the threads it starts, so the threads
+    started before, such as the engine's recorder and the Lambda handlers' thread, are set one by
+    one. Otherwise they could run on the cores of a worker process.
+    """
     if not groups:
         return None
     previous = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, groups[0])
-    return lambda: os.sched_setaffinity(0, previous)
+    _set_affinity_of_all_threads(groups[0])
+    return lambda: _set_affinity_of_all_threads(previous)
+
+
+def _set_affinity_of_all_threads(cores: set[int] | frozenset[int]) -> None:
+    """Set the affinity of every thread of this process to CORES, this thread's last."""
+    try:
+        threads = [int(name) for name in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = []  # no /proc: this thread only
+    for thread in threads:
+        if thread == threading.get_native_id():
+            continue
+        with contextlib.suppress(OSError):  # the thread may have ended meanwhile
+            os.sched_setaffinity(thread, cores)
+    os.sched_setaffinity(0, cores)
 
 
 def _share_cores(threads: int) -> Callable[[], None]:
