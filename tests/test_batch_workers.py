@@ -489,3 +489,31 @@ def test_sigterm_stops_run_like_ctrl_c(tmp_path: Path) -> None:
     assert len(printed) == len(images)
     assert all(Path(f"{image}.labels.json").is_file() for image in images)
     assert not list(out.rglob(".partial-*"))
+
+
+def test_drain_reports_worker_error_as_failed(tmp_path: Path) -> None:
+    # GIVEN a batch that is stopping after a first error WHEN a worker process's message says
+    # its image failed too (the next write to a full disk) THEN that image is reported as FAILED
+    # with the exception's line, not dropped
+    import queue
+
+    inputs = [InputFile(tmp_path / f"p{index}.jpg", f"p{index}.jpg") for index in range(3)]
+    reported: list[ImageOutcome] = []
+    collector = workers._Collector(inputs, {}, reported.append)
+    messages: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    messages.put(("taken", 1, 2))
+    traceback_text = (
+        "Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\n'
+        "OSError: [Errno 28] No space left on device\n"
+    )
+    messages.put(("error", 1, 2, traceback_text))
+
+    collector.drain(messages)
+
+    assert [outcome.key for outcome in reported] == ["p2.jpg"]
+    assert reported[0].status == "FAILED"
+    assert reported[0].reason == (
+        "failed in worker process 1: OSError: [Errno 28] No space left on device"
+    )
+    assert collector.running == {}

@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import Any
 
 from workflow.batch import BatchInterrupted, ImageOutcome, InputFile, run_one
+from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine, started_objects_frozen
 from workflow.records import ExecutionStore, Recorder
 
@@ -329,18 +330,18 @@ class _Collector:
 
         After Ctrl-C, a worker may have taken an image from the queue just before it was
         emptied and reported it only after `finish_running` returned. Its outcome is counted
-        here, so the summary does not report a finished image as not started. Errors are left
-        out, because the batch is already ending.
+        here, so the summary does not report a finished image as not started. The batch is
+        already ending, so an image's error is reported as a FAILED outcome instead of raised:
+        after a first error, the next write to a full disk fails as well.
         """
         while True:
             try:
                 message = results.get(timeout=0.05)
             except queue.Empty:
                 return
-            if message[0] in ("ready", "exit", "taken", "done"):
-                self._handle(message)
+            self._handle(message, raise_errors=False)
 
-    def _handle(self, message: tuple[Any, ...]) -> None:
+    def _handle(self, message: tuple[Any, ...], *, raise_errors: bool = True) -> None:
         kind, worker = message[0], message[1]
         if kind == "ready":
             self.ready.add(worker)
@@ -352,9 +353,15 @@ class _Collector:
         elif kind == "error":
             index, text = message[2], message[3]
             where = "this process" if worker == _PARENT else f"worker process {worker}"
-            raise WorkerProcessError(
-                f"running '{self.inputs[index].key}' failed in {where}:\n{text}"
-            )
+            if raise_errors:
+                raise WorkerProcessError(
+                    f"running '{self.inputs[index].key}' failed in {where}:\n{text}"
+                )
+            self.running.pop(worker, None)
+            # The traceback's last line names the exception and its message.
+            cause = text.strip().splitlines()[-1] if text.strip() else "unknown error"
+            reason = f"failed in {where}: {printable(cause)}"
+            self._add(ImageOutcome(self.inputs[index].key, "FAILED", "", reason=reason))
         elif kind == "exit":
             self.exited.add(worker)
             for stage, count in message[2].items():
