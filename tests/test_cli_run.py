@@ -734,3 +734,37 @@ def test_failed_run_names_earlier_result_kept(
     assert failed.exit_code == 1
     assert "an earlier result for this name stays at" in failed.output
     assert (out / "watermarked-photos" / "kept.jpg").is_file()
+
+
+def test_run_failed_stop_keeps_image_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN an image whose results cannot be written and an engine whose stop fails as well, as
+    # with a full disk under both folders WHEN it runs THEN the image's error is printed, not the
+    # stop's, and the command exits with 1
+    import errno
+    import sqlite3
+
+    from workflow import batch
+    from workflow.engine import LocalEngine
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(photos / "a.jpg")
+
+    def write_object(root: Path, key: str, data: bytes) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    original_stop = LocalEngine.stop
+
+    def failing_stop(engine: LocalEngine) -> None:
+        original_stop(engine)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(batch, "write_object", write_object)
+    monkeypatch.setattr(LocalEngine, "stop", failing_stop)
+    arguments = ["run", str(photos), "--out", str(tmp_path / "out")]
+    arguments += ["--state-dir", str(tmp_path / "state"), "--workers", "1"]
+    result = CliRunner().invoke(main, arguments)
+
+    assert result.exit_code == 1
+    assert re.search(r"running '[^']*a\.jpg' failed in this process", result.output)
+    assert "No space left on device" in result.output

@@ -483,3 +483,48 @@ def test_same_key_keeps_input_order(tmp_path: Path) -> None:
         outcomes = run_batch(engine, inputs, tmp_path / "out", workers=1)
 
     assert [outcome.key for outcome in outcomes] == ["k.jpg", "k.jpg", "other.jpg", "k.jpg"]
+
+
+def test_same_key_rejected_with_workers(tmp_path: Path) -> None:
+    # GIVEN two inputs under one key WHEN a batch with two workers is requested THEN it is
+    # rejected before any upload, because their runs would overwrite each other's object
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    inputs = []
+    for index in range(2):
+        path = folder / f"{index}.jpg"
+        path.write_bytes(_jpeg((90, 40 * index, 30)))
+        inputs.append(InputFile(path, "DCIM/photo.jpg"))
+
+    with LocalEngine(CONFIG) as engine:
+        with pytest.raises(ValueError, match="name a key more than once"):
+            run_batch(engine, inputs, tmp_path / "out", workers=2)
+        keys = engine.list_keys(CONFIG.source_bucket)
+
+    assert keys == []
+
+
+def test_photo_growing_past_limit_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a photo under the size limit when checked that is over it when read (a copy still
+    # being written) WHEN it is read THEN it fails, naming the limit
+    from workflow import batch
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff" * 5000)
+    inode = photo.stat().st_ino
+    real_fstat = os.fstat
+
+    def fstat_before_growth(descriptor: int) -> os.stat_result:
+        status = real_fstat(descriptor)
+        if status.st_ino != inode:
+            return status
+        return os.stat_result((*status[:6], 100, *status[7:10]))
+
+    monkeypatch.setattr(batch.os, "fstat", fstat_before_growth)
+    with LocalEngine(CONFIG) as engine:
+        engine.__dict__["max_object_bytes"] = 1000
+        outcome = batch.read_photo(engine, InputFile(photo, "photo.jpg"))
+
+    assert isinstance(outcome, ImageOutcome)
+    assert outcome.status == "FAILED"
+    assert "grew past the limit of 1,000 bytes" in outcome.reason

@@ -337,6 +337,13 @@ def run_batch(
     the WORKERS - 1 processes, which are then already started. It is used only where worker
     processes would be, and the caller closes it either way.
     """
+    if workers > 1 and len({item.key for item in inputs}) < len(inputs):
+        # One engine has one source object per key, so concurrent runs of a key would upload
+        # over each other and delete each other's object.
+        raise ValueError(
+            "the inputs name a key more than once; run them with workers=1, which runs them one "
+            "after the other"
+        )
     small = len(inputs) < PROCESS_BATCH_MIN
     if workers <= 1:
         from workflow.sequence import run_in_sequence
@@ -356,8 +363,9 @@ def run_batch(
 def _in_input_order(outcomes: list[ImageOutcome], inputs: list[InputFile]) -> list[ImageOutcome]:
     """Return OUTCOMES sorted in the order of INPUTS.
 
-    A key given more than once (the API allows it) has one outcome per input, and they take that
-    key's places in the order they ended.
+    A key given more than once (the API allows it with one worker) has one outcome per input,
+    and they take that key's places in the order they ended, which with one worker is the order
+    of the inputs.
     """
     places: dict[str, list[int]] = {}
     for index, item in enumerate(inputs):
@@ -523,7 +531,14 @@ def read_photo(engine: LocalEngine, item: InputFile) -> ReadPhoto | ImageOutcome
                 )
                 return ImageOutcome(item.key, "FAILED", "", reason=reason)
             with open(descriptor, "rb", closefd=False) as handle:
-                body = handle.read()
+                # At most one byte past the limit, in case the file grows while it is read.
+                body = handle.read(engine.max_object_bytes + 1)
+            if len(body) > engine.max_object_bytes:
+                reason = (
+                    f"'{printable(item.key)}' grew past the limit of {engine.max_object_bytes:,} "
+                    "bytes (MAX_OBJECT_BYTES) while it was read, so it was not uploaded"
+                )
+                return ImageOutcome(item.key, "FAILED", "", reason=reason)
         finally:
             os.close(descriptor)
     except OSError as exc:

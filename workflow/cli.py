@@ -226,9 +226,12 @@ def _run(
                         console, engine, inputs, out_dir, workers, pool, outcomes, stop_signal
                     )
             except RuntimeError as exc:
+                _stop_after_error(engine)
                 raise click.ClickException(str(exc)) from exc
-            finally:
-                engine.stop()
+            except BaseException:
+                _stop_after_error(engine)
+                raise
+            engine.stop()
     except KeyboardInterrupt as interrupt:
         # Ctrl-C or SIGTERM: at start-up, during the batch (the images running finished and
         # were printed) or while the engine and the worker processes were stopping. A signal
@@ -260,6 +263,18 @@ def _run(
             console.print("interrupted after every image had finished", soft_wrap=True)
         return 128 + int(stop_signal.received)
     return 1 if any(outcome.status == "FAILED" for outcome in outcomes) else 0
+
+
+def _stop_after_error(engine: LocalEngine) -> None:
+    """Stop ENGINE while an error ends the command; an error of the stop itself is only logged.
+
+    A full disk under the state folder, say, fails the image and then the records' last copy
+    on stop, and the traceback of the second would hide the image's error.
+    """
+    try:
+        engine.stop()
+    except Exception as exc:
+        logging.getLogger(__name__).error("stopping the local engine failed as well: %s", exc)
 
 
 def _error_behind(interrupt: BaseException) -> click.ClickException | None:

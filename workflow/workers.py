@@ -237,6 +237,15 @@ class WorkerPool:
                 collector.finish_running(self._results, local)
                 finished = True
                 raise BatchInterrupted(list(collector.outcomes)) from None
+            except WorkerProcessError:
+                # An image's error stops the batch. The images running finish, so that none is
+                # left half written, and are reported before the error, as FAILED if they fail
+                # too (the next write to a full disk).
+                stop.set()
+                self._drop_queued()
+                collector.finish_running(self._results, local, raise_errors=False)
+                finished = True
+                raise
             finished = True
         finally:
             stop.set()
@@ -303,12 +312,14 @@ class _Collector:
                 continue
             self._handle(message)
 
-    def finish_running(self, results: Any, local: threading.Thread) -> None:
+    def finish_running(
+        self, results: Any, local: threading.Thread, *, raise_errors: bool = True
+    ) -> None:
         """Collect the outcomes of the images still running, once no new image can start.
 
         Waits until neither this process's thread (LOCAL) nor any worker process is running an
         image, for at least _SETTLE seconds so that messages already sent arrive, and for at most
-        _EXIT_GRACE seconds.
+        _EXIT_GRACE seconds. Without RAISE_ERRORS, an image's error is reported as FAILED.
         """
         started = time.monotonic()
         while time.monotonic() - started < _EXIT_GRACE:
@@ -320,7 +331,7 @@ class _Collector:
             except queue.Empty:
                 self._check_workers()
                 continue
-            self._handle(message)
+            self._handle(message, raise_errors=raise_errors)
 
     def _running_in_workers(self) -> bool:
         return any(worker != _PARENT for worker in self.running)
