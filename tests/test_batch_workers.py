@@ -492,8 +492,8 @@ def test_sigterm_stops_run_like_ctrl_c(tmp_path: Path) -> None:
 
 
 def test_drain_reports_worker_error_as_failed(tmp_path: Path) -> None:
-    # GIVEN a batch that is stopping after a first error WHEN a worker process's message says
-    # its image failed too (the next write to a full disk) THEN that image is reported as FAILED
+    # GIVEN a batch that is stopping after a first error WHEN a worker process reports that its
+    # image failed too (the next write to a full disk) THEN that image is reported as FAILED
     # with the exception's line, not dropped
     import queue
 

@@ -737,9 +737,9 @@ def test_failed_run_names_earlier_result_kept(
 
 
 def test_run_failed_stop_keeps_image_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # GIVEN an image whose results cannot be written and an engine whose stop fails as well, as
-    # with a full disk under both folders WHEN it runs THEN the image's error is printed, not the
-    # stop's, and the command exits with 1
+    # GIVEN an image whose results cannot be written and an engine whose stop fails as well (a
+    # full disk under both folders) WHEN it runs THEN the image's error is printed, not the
+    # stop's. The command exits with 1.
     import errno
     import sqlite3
 

@@ -348,8 +348,9 @@ def run_batch(
     if workers <= 1:
         from workflow.sequence import run_in_sequence
 
-        outcomes = run_in_sequence(engine, inputs, out_dir, on_done)
-    elif small or engine.dispatcher.fault_hook is not None:
+        # Its outcomes end in the order of INPUTS, which may name a key more than once.
+        return run_in_sequence(engine, inputs, out_dir, on_done)
+    if small or engine.dispatcher.fault_hook is not None:
         outcomes = _run_in_process(engine, inputs, out_dir, on_done, threads=workers)
     elif pool is not None:
         outcomes = pool.run(engine, inputs, out_dir, on_done=on_done)
@@ -357,28 +358,9 @@ def run_batch(
         from workflow.workers import run_with_processes
 
         outcomes = run_with_processes(engine, inputs, out_dir, workers=workers, on_done=on_done)
-    return _in_input_order(outcomes, inputs)
-
-
-def _in_input_order(outcomes: list[ImageOutcome], inputs: list[InputFile]) -> list[ImageOutcome]:
-    """Return OUTCOMES sorted in the order of INPUTS.
-
-    A key given more than once (the API allows it with one worker) has one outcome per input,
-    and they take that key's places in the order they ended, which with one worker is the order
-    of the inputs.
-    """
-    places: dict[str, list[int]] = {}
-    for index, item in enumerate(inputs):
-        places.setdefault(item.key, []).append(index)
-    placed: dict[str, int] = {}
-    ordered = []
-    for outcome in outcomes:
-        count = placed.get(outcome.key, 0)
-        placed[outcome.key] = count + 1
-        key_places = places[outcome.key]
-        ordered.append((key_places[min(count, len(key_places) - 1)], outcome))
-    ordered.sort(key=lambda pair: pair[0])
-    return [outcome for _, outcome in ordered]
+    order = {item.key: index for index, item in enumerate(inputs)}
+    outcomes.sort(key=lambda outcome: order[outcome.key])
+    return outcomes
 
 
 def _run_in_process(
