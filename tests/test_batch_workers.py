@@ -517,3 +517,48 @@ def test_drain_reports_worker_error_as_failed(tmp_path: Path) -> None:
         "failed in worker process 1: OSError: [Errno 28] No space left on device"
     )
     assert collector.running == {}
+
+
+class _RunningProcess:
+    """A worker process that is alive, as one stopping its engine after its batch is."""
+
+    exitcode = None
+
+    def __init__(self, alive: bool = True) -> None:
+        self.alive = alive
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+
+def test_batch_ends_once_workers_send_their_counts(tmp_path: Path) -> None:
+    # GIVEN two ready workers: one sent its outcome and its end counts and is still stopping its
+    # engine, the other died after its image's outcome without sending them
+    import queue
+
+    inputs = [InputFile(tmp_path / f"p{index}.jpg", f"p{index}.jpg") for index in range(2)]
+    processes = {1: _RunningProcess(), 2: _RunningProcess(alive=False)}
+    collector = workers._Collector(inputs, processes, None)
+    messages: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    outcome = ImageOutcome("p0.jpg", "SUCCEEDED", "p0.jpg-1")
+    for message in [
+        ("ready", 1),
+        ("ready", 2),
+        ("taken", 1, 0),
+        ("done", 1, 0, outcome),
+        ("taken", 2, 1),
+        ("done", 2, 1, ImageOutcome("p1.jpg", "SUCCEEDED", "p1.jpg-1")),
+        ("exit", 1, {"detect": 1}),
+    ]:
+        messages.put(message)
+
+    # WHEN the calling process has every outcome and waits for the end of the batch
+    collector.collect(messages)
+    ended = collector.wait_for_ends(messages)
+
+    # THEN it has every outcome and the counts without waiting for the first worker to exit,
+    # and only that worker is left to stop on its own
+    assert ended == {1}
+    assert [o.key for o in collector.outcomes] == ["p0.jpg", "p1.jpg"]
+    assert collector.invocations == {"detect": 1}
+    assert collector.exited == {1, 2}

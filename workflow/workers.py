@@ -158,6 +158,8 @@ class WorkerPool:
         }
         self._used = False
         self._closed = False
+        # The workers that reported the end of their batch and are stopping their engines.
+        self._ready: set[int] = set()
         # This process runs images too, unless `run` gets use_calling_process=False. So its label
         # model takes its share of the cores from now on, and the model loads once, with that
         # thread count, while the calling engine starts.
@@ -194,7 +196,8 @@ class WorkerPool:
         """Run INPUTS on the pool's processes and, unless USE_CALLING_PROCESS is off, on ENGINE.
 
         Outcomes are returned, and passed to ON_DONE, in the order they finish. The processes
-        stop when the batch ends or fails, so the pool cannot run a second batch.
+        stop when the batch ends or fails, so the pool cannot run a second batch. Those that
+        ran it may still be stopping their engines when this returns: `close` waits for them.
         """
         if self._used or self._closed:
             raise RuntimeError(
@@ -250,10 +253,20 @@ class WorkerPool:
         finally:
             stop.set()
             local.join()
-            collector.drain(self._results)
-            self._stop(collector.ready if finished else set())
-            collector.drain(self._results)
+            if finished:
+                # Each worker sends its counts once its last image is reported, then stops its
+                # engine and exits while this process goes on; `close` waits for it.
+                self._ready = collector.wait_for_ends(self._results)
+                # A worker still starting has no image, and would only compete for the cores.
+                _close_workers(
+                    {w: p for w, p in self.processes.items() if w not in self._ready}, set()
+                )
+            else:
+                self._ready = set()
+                self._stop(set())
+                collector.drain(self._results)
             _merge_invocations(engine, collector.invocations)
+            self._restore_model_threads()
             if restore_affinity is not None:
                 restore_affinity()
         return collector.outcomes
@@ -269,16 +282,20 @@ class WorkerPool:
             self._tasks.put(None)
 
     def close(self) -> None:
-        """Stop every process that is still running. After `run`, none is."""
+        """Wait for the processes that are stopping after a batch; stop the others at once."""
         if not self._closed:
-            # Workers that have not run a batch are not running any image, so stopping them loses nothing.
-            self._stop(set())
+            # Workers that are not stopping after a batch run no image, so stopping them loses
+            # nothing.
+            self._stop(self._ready)
 
-    def _stop(self, ready: set[int]) -> None:
-        self._closed = True
+    def _restore_model_threads(self) -> None:
         if self._restore_threads is not None:
             self._restore_threads()
             self._restore_threads = None
+
+    def _stop(self, ready: set[int]) -> None:
+        self._closed = True
+        self._restore_model_threads()
         _close_workers(self.processes, ready)
         # Tasks left on the queue after an error have no reader any more. Without this, the
         # queue's feeder thread would wait at exit to write them into a full pipe.
@@ -301,6 +318,8 @@ class _Collector:
         self.running: dict[int, int] = {}  # worker -> input index
         self.ready: set[int] = set()
         self.exited: set[int] = set()
+        # Workers that sent their end counts: they are stopping their engines.
+        self.ended: set[int] = set()
         self.invocations: dict[str, int] = {}
 
     def collect(self, results: Any) -> None:
@@ -335,6 +354,22 @@ class _Collector:
 
     def _running_in_workers(self) -> bool:
         return any(worker != _PARENT for worker in self.running)
+
+    def wait_for_ends(self, results: Any) -> set[int]:
+        """Wait until each ready worker has sent its end counts or died; return those that sent them.
+
+        A worker sends them after the last message of its batch, so every outcome is in by then.
+        Waits at most _EXIT_GRACE seconds.
+        """
+        started = time.monotonic()
+        while self.ready - self.exited and time.monotonic() - started < _EXIT_GRACE:
+            try:
+                message = results.get(timeout=0.05)
+            except queue.Empty:
+                self._check_workers()
+                continue
+            self._handle(message, raise_errors=False)
+        return self.ready & self.ended
 
     def drain(self, results: Any) -> None:
         """Handle the messages already queued, such as the end counts of workers that exited.
@@ -375,6 +410,7 @@ class _Collector:
             self._add(ImageOutcome(self.inputs[index].key, "FAILED", "", reason=reason))
         elif kind == "exit":
             self.exited.add(worker)
+            self.ended.add(worker)
             for stage, count in message[2].items():
                 self.invocations[stage] = self.invocations.get(stage, 0) + count
 
@@ -447,7 +483,7 @@ def _worker_main(worker: int, settings: _WorkerSettings, tasks: Any, results: An
         os.sched_setaffinity(0, settings.core_groups[worker])
     engine = LocalEngine(settings.config, recorder=_recorder(settings))
     engine.start()
-    invocations: dict[str, int] = {}
+    ended = False
     try:
         results.put(("ready", worker))
         with started_objects_frozen():
@@ -460,12 +496,16 @@ def _worker_main(worker: int, settings: _WorkerSettings, tasks: Any, results: An
                     results.put(("error", worker, index, traceback.format_exc()))
                     return
                 results.put(("done", worker, index, outcome))
-        invocations = dict(engine.dispatcher.invocations)
+        # Each run's records were written before its outcome was sent, so the calling process
+        # need not wait for this engine to stop (about 0.5 s) before it goes on.
+        results.put(("exit", worker, dict(engine.dispatcher.invocations)))
+        ended = True
     finally:
+        if not ended:
+            results.put(("exit", worker, {}))
         engine.stop()
         if engine.recorder is not None:
             engine.recorder.store.close()
-        results.put(("exit", worker, invocations))
 
 
 def core_groups(processes: int) -> list[frozenset[int]]:
@@ -563,8 +603,8 @@ def _recorder(settings: _WorkerSettings) -> Recorder | None:
 def _close_workers(processes: dict[int, Any], ready: set[int]) -> None:
     """Let the READY workers stop their engines and exit; terminate the others.
 
-    After a complete batch, a worker that is not ready is still starting and has no image.
-    After an error, READY is empty, so every worker stops at once.
+    READY holds the workers that reported the end of their batch. The others run no image: they
+    are still starting, or the batch was cut short, so they stop at once.
     """
     for worker, process in processes.items():
         if worker in ready:
