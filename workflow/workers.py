@@ -541,7 +541,7 @@ def _keep_to_cores(groups: tuple[frozenset[int], ...]) -> Callable[[], None] | N
     """Keep this process's threads, and those they start, to the first of GROUPS; return the undo.
 
     On Linux an affinity belongs to a thread and passes to the threads it starts, so the threads
-    started before, such as the engine's recorder and the Lambda handlers' thread, are set one by
+    started before, such as the engine's recorder and moto's execution threads, are set one by
     one. Otherwise they could run on the cores of a worker process.
     """
     if not groups:
