@@ -768,3 +768,58 @@ def test_run_failed_stop_keeps_image_error(tmp_path: Path, monkeypatch: pytest.M
     assert result.exit_code == 1
     assert re.search(r"running '[^']*a\.jpg' failed in this process", result.output)
     assert "No space left on device" in result.output
+
+
+_SIGNAL_DURING_ERROR_SCRIPT = """
+import errno, os, signal, sys
+import click
+from PIL import Image
+from workflow import batch
+from workflow.cli import main
+
+photos, out, state, signum = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+os.makedirs(photos, exist_ok=True)
+Image.new("RGB", (64, 48), (200, 30, 30)).save(os.path.join(photos, "a.jpg"))
+
+def write_object(root, key, data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+show = click.ClickException.show
+
+def show_after_signal(self, file=None):
+    os.kill(os.getpid(), signum)  # as if Ctrl-C came while the command ends after the error
+    show(self, file)
+
+batch.write_object = write_object
+click.ClickException.show = show_after_signal
+main(["run", photos, "--out", out, "--state-dir", state, "--workers", "1"])
+"""
+
+
+@pytest.mark.parametrize("signum", [2, 15])
+def test_run_signal_while_error_is_shown_keeps_error(tmp_path: Path, signum: int) -> None:
+    # GIVEN an image whose results cannot be written (a full disk)
+    # WHEN Ctrl-C or SIGTERM comes while the command ends with that error
+    import subprocess
+    import sys
+
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _SIGNAL_DURING_ERROR_SCRIPT,
+            *(str(tmp_path / name) for name in ("photos", "out", "state")),
+            str(signum),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+    # THEN the error is printed in full and the command exits with 1, not by the signal
+    assert completed.returncode == 1, completed.stderr
+    assert "Error: running" in completed.stderr
+    assert "No space left on device" in completed.stderr
+    assert "KeyboardInterrupt" not in completed.stderr
+    assert "Aborted" not in completed.stderr

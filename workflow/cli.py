@@ -150,6 +150,16 @@ def run(
             # A signal while the inputs were listed or the settings checked: nothing ran.
             console.print("interrupted before any image started", soft_wrap=True)
             status = 128 + int(stop_signal.received or signal.SIGINT)
+        except click.ClickException as error:
+            # Shown here rather than by click, while the signal handlers are still in place, so
+            # that Ctrl-C or SIGTERM coming now cannot replace the error by a traceback and the
+            # signal's status.
+            try:
+                with stop_signal.deferred():
+                    error.show()
+            except KeyboardInterrupt:
+                pass  # the error is shown in full, and the command ends with its status
+            status = error.exit_code
     if stop_signal.received:
         # The command is ending after a signal: one more while Python exits changes nothing.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
