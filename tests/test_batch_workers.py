@@ -562,3 +562,44 @@ def test_batch_ends_once_workers_send_their_counts(tmp_path: Path) -> None:
     assert [o.key for o in collector.outcomes] == ["p0.jpg", "p1.jpg"]
     assert collector.invocations == {"detect": 1}
     assert collector.exited == {1, 2}
+
+
+def test_hung_image_in_calling_process_does_not_hold_the_stop(
+    both_runs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a pool whose calling process hangs on its image (a read from a network share that
+    # went away), and a batch interrupted after the worker process's first outcome
+    import threading
+    import time
+
+    monkeypatch.setattr(batch, "PROCESS_BATCH_MIN", 2)
+    monkeypatch.setattr(workers, "_EXIT_GRACE", 1.0)
+    never = threading.Event()
+    run_one = workers.run_one
+
+    def hang_in_this_process(engine: LocalEngine, item: InputFile, out_dir: Path) -> Any:
+        if threading.current_thread().name == "labelmark-run":
+            never.wait(timeout=120)  # bounded, so that a regression fails instead of hanging
+        return run_one(engine, item, out_dir)
+
+    monkeypatch.setattr(workers, "run_one", hang_in_this_process)
+    inputs = both_runs["inputs"]
+
+    # WHEN the batch stops
+    started = time.monotonic()
+    with (
+        pytest.raises(batch.BatchInterrupted) as interrupted,
+        WorkerPool(CONFIG, processes=1) as pool,
+        LocalEngine(CONFIG) as engine,
+    ):
+        run_batch(engine, inputs, tmp_path, workers=2, on_done=_interrupt_after(1), pool=pool)
+
+    # THEN it ends after the grace period, with the hung image reported as FAILED
+    assert time.monotonic() - started < 60
+    outcomes = interrupted.value.outcomes
+    hung = [outcome for outcome in outcomes if "did not finish" in outcome.reason]
+    assert len(hung) == 1
+    assert hung[0].status == "FAILED"
+    assert len({outcome.key for outcome in outcomes}) == len(outcomes)
+    never.set()
+    _assert_gone(pool)

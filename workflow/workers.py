@@ -239,7 +239,9 @@ class WorkerPool:
                 self._drop_queued()
                 collector.finish_running(self._results, local)
                 finished = True
-                raise BatchInterrupted(list(collector.outcomes)) from None
+                # The collector's own list: outcomes that arrive while the batch ends are added
+                # to it below, before the caller sees the exception.
+                raise BatchInterrupted(collector.outcomes) from None
             except WorkerProcessError:
                 # An image's error stops the batch. The images running finish, so that none is
                 # left half written, and are reported before the error, as FAILED if they fail
@@ -252,7 +254,12 @@ class WorkerPool:
             finished = True
         finally:
             stop.set()
-            local.join()
+            # The images running had _EXIT_GRACE seconds to finish after a stop. A read that
+            # hangs (a network share that went away) must not hold the stop past that: this
+            # process's thread is a daemon and is left behind, its image reported as FAILED.
+            local.join(timeout=_EXIT_GRACE)
+            if local.is_alive():
+                collector.abandon_local()
             if finished:
                 # Each worker sends its counts once its last image is reported, then stops its
                 # engine and exits while this process goes on; `close` waits for it.
@@ -351,6 +358,19 @@ class _Collector:
                 self._check_workers()
                 continue
             self._handle(message, raise_errors=raise_errors)
+
+    def abandon_local(self) -> None:
+        """Report the image this process's thread still runs as FAILED; the batch ends without it."""
+        index = self.running.pop(_PARENT, None)
+        if index is None:
+            return
+        logger.error(
+            "'%s' did not finish within %.0f s after the batch stopped; it is left unfinished",
+            printable(self.inputs[index].key),
+            _EXIT_GRACE,
+        )
+        reason = f"did not finish within {_EXIT_GRACE:.0f} s after the batch stopped"
+        self._add(ImageOutcome(self.inputs[index].key, "FAILED", "", reason=reason))
 
     def _running_in_workers(self) -> bool:
         return any(worker != _PARENT for worker in self.running)
