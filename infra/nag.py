@@ -86,6 +86,12 @@ def _acknowledge_functions(stack: LabelmarkStack) -> None:
         "The store stage publishes every image and its labels file under the output prefix, "
         "with keys derived from the source keys.",
     )
+    _acknowledge(
+        stack.store_function.role,
+        f"AwsSolutions-IAM5[Resource::<{processed}.Arn>/{FAILURE_PREFIX}*]",
+        "Once an image is published, the store stage deletes the failure records of the runs "
+        "it replays, whose keys derive from generated execution names.",
+    )
 
 
 def _acknowledge_state_machine(stack: LabelmarkStack) -> None:

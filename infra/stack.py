@@ -255,11 +255,13 @@ class LabelmarkStack(Stack):
         self.processed_bucket.grant_put(self.watermark_function, f"{STAGING_PREFIX}*")
 
         # Store moves the staged image to its published key, writes the labels next to it
-        # and deletes the staging object. It never touches the source bucket. Reading the
-        # published key lets a repeated run see that this upload is already published.
+        # and deletes the staging object and the failure records of the runs it replays. It
+        # never touches the source bucket. Reading the published key lets a repeated run see
+        # that this upload is already published.
         self.processed_bucket.grant_read(self.store_function, f"{STAGING_PREFIX}*")
         self.processed_bucket.grant_read(self.store_function, f"{self.settings.output_prefix}*")
         self.processed_bucket.grant_delete(self.store_function, f"{STAGING_PREFIX}*")
+        self.processed_bucket.grant_delete(self.store_function, f"{FAILURE_PREFIX}*")
         self.processed_bucket.grant_put(self.store_function, f"{self.settings.output_prefix}*")
 
     def _create_function(

@@ -293,3 +293,49 @@ def test_watermark_rejects_invalid_jpeg_quality(
 
     with pytest.raises(ConfigurationError, match=f"JPEG_QUALITY.*{rule}"):
         load_settings()
+
+
+def test_store_deletes_failure_records_of_the_runs_it_replays(buckets: Any) -> None:
+    from functions.store.handler import handler as store
+
+    # GIVEN the failure records of a first run and its first replay, and those of other uploads
+    first = "photo.jpg-0123456789abcdef"
+    kept = [
+        f"labelmark-failures/{name}.json" for name in ("other.jpg-fedcba9876543210", first + "0")
+    ]
+    for name in [first, f"{first}-r2"]:
+        buckets.put_object(Bucket="out-bucket", Key=f"labelmark-failures/{name}.json", Body=b"{}")
+    for key in kept:
+        buckets.put_object(Bucket="out-bucket", Key=key, Body=b"{}")
+    staged = _stage_for(buckets, "photo.jpg", "01", (9, 9, 9))
+
+    # WHEN the second replay, started anew as '-r3', publishes the image
+    result = store({**staged, "execution": f"{first}-r3"}, _Context())
+
+    # THEN the records of the runs it replays are gone and the others stay
+    listed = buckets.list_objects_v2(Bucket="out-bucket", Prefix="labelmark-failures/")
+    assert result["output"]["key"] == "watermarked-photo.jpg"
+    assert sorted(item["Key"] for item in listed["Contents"]) == sorted(kept)
+
+
+def test_store_succeeds_when_failure_records_cannot_be_deleted(buckets: Any) -> None:
+    from botocore.exceptions import ClientError
+
+    from functions.store.handler import handler as store
+
+    staged = _stage_for(buckets, "kept.jpg", "01", (9, 9, 9))
+    buckets.put_object(Bucket="out-bucket", Key="labelmark-failures/kept.json", Body=b"{}")
+
+    def deny(**_: Any) -> None:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}}, "DeleteObject")
+
+    buckets.meta.events.register("before-call.s3.DeleteObject", deny)
+    try:
+        result = store({**staged, "execution": "kept"}, _Context())
+    finally:
+        buckets.meta.events.unregister("before-call.s3.DeleteObject", deny)
+
+    keys = [item["Key"] for item in buckets.list_objects_v2(Bucket="out-bucket")["Contents"]]
+    assert result["output"]["key"] == "watermarked-kept.jpg"
+    assert "watermarked-kept.jpg" in keys
+    assert "labelmark-failures/kept.json" in keys

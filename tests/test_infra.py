@@ -514,6 +514,7 @@ def test_store_role_permissions_exact(synthesized: Synthesized) -> None:
     log_group = synthesized.logical_id(stack.store_function.log_group)
     permissions = synthesized.permissions(stack.store_function.role)
     staging = f"${{{processed}.Arn}}/labelmark-staging/*"
+    failures = f"${{{processed}.Arn}}/labelmark-failures/*"
 
     assert permissions == (
         product(["logs:CreateLogStream", "logs:PutLogEvents"], [f"${{{log_group}.Arn}}"])
@@ -522,7 +523,7 @@ def test_store_role_permissions_exact(synthesized: Synthesized) -> None:
             ["s3:GetObject*", "s3:GetBucket*", "s3:List*"],
             [f"${{{processed}.Arn}}", staging, f"${{{processed}.Arn}}/watermarked-*"],
         )
-        | {("s3:DeleteObject*", staging)}
+        | {("s3:DeleteObject*", staging), ("s3:DeleteObject*", failures)}
         | product(
             [
                 "s3:Abort*",

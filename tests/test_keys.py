@@ -8,7 +8,12 @@ import pytest
 from PIL import Image
 
 from functions.common.events import SourceObject
-from functions.common.keys import check_output_prefix, execution_name, sidecar_key
+from functions.common.keys import (
+    attempt_names,
+    check_output_prefix,
+    execution_name,
+    sidecar_key,
+)
 from tests.inputs_helpers import encode, entered_state_types, process
 from workflow.engine import LocalEngine
 
@@ -69,6 +74,24 @@ def test_execution_name_follows_rules(key: str) -> None:
 
     assert 1 <= len(name) <= 80
     assert not _FORBIDDEN.search(name), name
+    # A replay's name, the name with '-r2' up to '-r99', fits as well, with the name whole.
+    assert len(f"{name}-r99") <= 80
+    assert attempt_names(f"{name}-r3") == [name, f"{name}-r2", f"{name}-r3"]
+
+
+@pytest.mark.parametrize(
+    ("name", "attempts"),
+    [
+        ("a.jpg-0123456789abcdef", ["a.jpg-0123456789abcdef"]),
+        ("a.jpg-0123456789abcdef-r2", ["a.jpg-0123456789abcdef", "a.jpg-0123456789abcdef-r2"]),
+        # Not a replay: no digest before the suffix, or a name chosen by hand.
+        ("photo-r2", ["photo-r2"]),
+        ("a.jpg-0123456789abcdef-r", ["a.jpg-0123456789abcdef-r"]),
+        ("my-run", ["my-run"]),
+    ],
+)
+def test_attempt_names(name: str, attempts: list[str]) -> None:
+    assert attempt_names(name) == attempts
 
 
 def test_execution_name_differs_per_content() -> None:

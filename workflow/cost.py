@@ -76,7 +76,7 @@ _STAGE_NAMES = {
 # S3 requests per image on the success path, read from the handlers. GET tier: detect's GET of
 # the source, watermark's GET of the source, store's HEAD of the staged object. PUT tier:
 # watermark's PUT of the staged image, store's COPY to the published key and PUT of the sidecar.
-# The DELETE of the staged object is free. Rekognition's own read of the source is not counted.
+# The DELETEs of the staged object and of failure records are free. Rekognition's own read of the source is not counted.
 S3_GETS_PER_IMAGE = 3
 S3_PUTS_PER_IMAGE = 3
 

@@ -17,6 +17,7 @@ __all__ = [
     "S3_MAX_KEY_BYTES",
     "SIDECAR_SUFFIX",
     "STAGING_PREFIX",
+    "attempt_names",
     "check_output_prefix",
     "execution_name",
     "failure_key",
@@ -35,6 +36,10 @@ SIDECAR_SUFFIX = ".labels.json"
 # service but break CloudWatch Logs links, so this keeps ASCII only.
 _NAME_MAX = 80
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+# A replay started anew is named after the first run, with '-r2' up to '-r99' added. Derived
+# names leave room for that suffix, so that a replay's name holds its first run's name whole.
+_REPLAY_SUFFIX_MAX = len("-r99")
+_REPLAY_NAME = re.compile(r"(?P<first>.+-[0-9a-f]{16})-r(?P<attempt>[0-9]{1,2})")
 
 
 def check_output_prefix(prefix: str) -> None:
@@ -109,8 +114,22 @@ def execution_name(source: SourceObject) -> str:
     # Accents are dropped rather than the letters that carry them: 'café.jpg' gives 'cafe.jpg'.
     base = unicodedata.normalize("NFKD", source.key.rsplit("/", 1)[-1])
     stem = _NAME_UNSAFE.sub("-", base.encode("ascii", "ignore").decode()).strip("-.") or "object"
-    room = _NAME_MAX - len(digest) - 1
+    room = _NAME_MAX - _REPLAY_SUFFIX_MAX - len(digest) - 1
     return f"{stem[:room]}-{digest}"
+
+
+def attempt_names(execution: str) -> list[str]:
+    """Return the names of the runs of EXECUTION's upload up to EXECUTION itself, first run first.
+
+    A replay started anew is named after the first run with '-rN', N counting the runs from 2:
+    'x.jpg-<digest>-r3' follows 'x.jpg-<digest>' and 'x.jpg-<digest>-r2'. A redrive keeps its
+    name, and a name that is not derived from an upload stands alone.
+    """
+    match = _REPLAY_NAME.fullmatch(execution)
+    if match is None:
+        return [execution]
+    first, attempt = match["first"], int(match["attempt"])
+    return [first, *(f"{first}-r{number}" for number in range(2, attempt)), execution]
 
 
 def _content_digest(source: SourceObject) -> str:

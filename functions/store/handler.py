@@ -9,7 +9,14 @@ from urllib.parse import quote
 from functions.common.aws import client, translate_aws_error
 from functions.common.errors import InvalidKeyError, SourceNotFoundError
 from functions.common.events import SourceObject
-from functions.common.keys import S3_MAX_KEY_BYTES, SIDECAR_SUFFIX, output_key, sidecar_key
+from functions.common.keys import (
+    S3_MAX_KEY_BYTES,
+    SIDECAR_SUFFIX,
+    attempt_names,
+    failure_key,
+    output_key,
+    sidecar_key,
+)
 from functions.common.observability import logger, metrics, timed_stage
 from functions.common.s3io import check_buckets_differ, put_object
 from functions.store.settings import StoreSettings, load_settings
@@ -29,7 +36,13 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     with timed_stage(
         "Store", bucket=source.bucket, key=source.key, execution=event.get("execution")
     ):
-        return store(source, list(event.get("labels") or []), event["staged"], load_settings())
+        return store(
+            source,
+            list(event.get("labels") or []),
+            event["staged"],
+            load_settings(),
+            execution=event.get("execution"),
+        )
 
 
 def store(
@@ -38,6 +51,7 @@ def store(
     staged: dict[str, Any],
     settings: StoreSettings,
     *,
+    execution: str | None = None,
     s3: Any = None,
 ) -> dict[str, Any]:
     """Write the sidecar, copy the staged image to its published key and delete the staging object.
@@ -45,7 +59,9 @@ def store(
     Running it again after it succeeded finds the staging object gone and the published image
     already carrying this source's ETag, and returns the same result without writing anything.
     A run for an older upload of the same key (a lower S3 event sequencer than the published
-    one) publishes nothing, so an overwrite is never undone by a slow earlier run.
+    one) publishes nothing, so an overwrite is never undone by a slow earlier run. Once the image
+    is published, the failure records of EXECUTION and of the earlier runs it replays are
+    deleted: they describe a failure that no longer holds.
     """
     s3 = s3 or client("s3")
     check_buckets_differ(source.bucket, settings.processed_bucket)
@@ -80,6 +96,7 @@ def store(
     published = _published_metadata(s3, settings.processed_bucket, image_key)
     if not _exists(s3, staged["bucket"], staged["key"]):
         if published is not None and published.get("source-etag", "") == (source.etag or ""):
+            _delete_failure_records(s3, settings.processed_bucket, execution)
             return result
         raise SourceNotFoundError(
             f"staged image s3://{staged['bucket']}/{staged['key']} for '{source.key}' is gone "
@@ -128,6 +145,7 @@ def store(
         ) from exc
 
     _delete_staging(s3, staged)
+    _delete_failure_records(s3, settings.processed_bucket, execution)
     return result
 
 
@@ -158,6 +176,23 @@ def _delete_staging(s3: Any, staged: dict[str, Any]) -> None:
         logger.warning(
             "staging object not deleted: %s", translate_aws_error(exc, "deleting staging object")
         )
+
+
+def _delete_failure_records(s3: Any, bucket: str, execution: str | None) -> None:
+    """Delete the failure records of EXECUTION and the earlier runs it replays, where they exist.
+
+    One DELETE per name (a first run has one), which S3 does not charge for; deleting a key
+    that does not exist succeeds. A failure only leaves the record, with a warning: the image
+    is published by now.
+    """
+    for name in attempt_names(execution) if execution else []:
+        try:
+            s3.delete_object(Bucket=bucket, Key=failure_key(name))
+        except Exception as exc:
+            logger.warning(
+                "failure record not deleted: %s",
+                translate_aws_error(exc, f"deleting s3://{bucket}/{failure_key(name)}"),
+            )
 
 
 def _is_older(sequencer: str | None, published_sequencer: str | None) -> bool:
