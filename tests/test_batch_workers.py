@@ -603,3 +603,41 @@ def test_hung_image_in_calling_process_does_not_hold_the_stop(
     assert len({outcome.key for outcome in outcomes}) == len(outcomes)
     never.set()
     _assert_gone(pool)
+
+
+def test_hung_image_on_threads_does_not_hold_the_stop(
+    both_runs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a batch too small for worker processes, run on two threads, whose first image hangs
+    # (a read from a network share that went away), interrupted after another image's outcome
+    import threading
+    import time
+
+    monkeypatch.setattr(batch, "STOP_GRACE", 1.0)
+    never = threading.Event()
+    inputs = both_runs["inputs"][:4]
+    run_one = batch.run_one
+
+    def hang_on_first(engine: LocalEngine, item: InputFile, out_dir: Path) -> Any:
+        if item.key == inputs[0].key:
+            never.wait(timeout=120)  # bounded, so that a regression fails instead of hanging
+        return run_one(engine, item, out_dir)
+
+    monkeypatch.setattr(batch, "run_one", hang_on_first)
+
+    # WHEN the batch stops
+    started = time.monotonic()
+    with pytest.raises(batch.BatchInterrupted) as interrupted, LocalEngine(CONFIG) as engine:
+        run_batch(engine, inputs, tmp_path, workers=2, on_done=_interrupt_after(1))
+
+    # THEN it ends after the grace period, with the hung image reported as FAILED, and the
+    # thread that runs it is one the interpreter does not wait for at exit
+    assert time.monotonic() - started < 60
+    outcomes = {outcome.key: outcome for outcome in interrupted.value.outcomes}
+    assert outcomes[inputs[0].key].status == "FAILED"
+    assert "did not finish within" in outcomes[inputs[0].key].reason
+    running = [
+        thread for thread in threading.enumerate() if thread.name.startswith("labelmark-run")
+    ]
+    assert running and all(thread.daemon for thread in running)
+    never.set()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import hashlib
 import json
+import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import Future, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -310,7 +314,13 @@ def collect_inputs(
 # A worker process takes about 1 s to start (moto's imports and the model) and starts while this
 # process starts its engine. On 2 cores, with 8 to 12 MP photos, two processes ran as fast as two
 # threads at 6 to 12 images and 1.12x as fast at 18 (bench/RESULTS.md, "End to end").
+logger = logging.getLogger(__name__)
+
 PROCESS_BATCH_MIN = 12
+# Seconds the images running get to finish after Ctrl-C or an image's error stops a batch. One
+# still running then (a read or write on a network share that went away) is reported as FAILED
+# and left behind, so that the command ends.
+STOP_GRACE = 30.0
 
 
 def run_batch(
@@ -388,29 +398,81 @@ def _run_in_process(
         if on_done is not None:
             on_done(outcome)
 
-    with ThreadPoolExecutor(
-        max_workers=max(1, threads), thread_name_prefix="labelmark-run"
-    ) as pool:
-        images = {pool.submit(run_one, engine, item, out_dir): item for item in inputs}
-        futures = list(images)
-        try:
-            for future in as_completed(futures):
-                report(future)
-        except KeyboardInterrupt:
-            # Images not started yet are dropped; those running finish, so that none is left
-            # half written, and are reported. A second Ctrl-C while they finish changes nothing,
-            # so that no finished image goes unreported.
-            failed = _report_running(futures, reported, report, keep_first_error=True)
-            if failed is not None:
-                # An image that ended with an error is not an image that did not start.
-                report(failed)
-            raise BatchInterrupted(outcomes) from None
-        except WorkerProcessError:
-            # An image's error stops the batch: the others running finish and are reported
-            # before the error, those that failed too as FAILED.
-            _report_running(futures, reported, report, keep_first_error=False)
-            raise
+    def abandon(future: Future[ImageOutcome]) -> None:
+        reported.add(future)
+        outcome = unfinished_after_stop(images[future].key)
+        outcomes.append(outcome)
+        if on_done is not None:
+            on_done(outcome)
+
+    images = _start_on_daemon_threads(
+        [(item, functools.partial(run_one, engine, item, out_dir)) for item in inputs],
+        threads=max(1, threads),
+    )
+    futures = list(images)
+    try:
+        for future in as_completed(futures):
+            report(future)
+    except KeyboardInterrupt:
+        # Images not started yet are dropped; those running finish, so that none is left half
+        # written, and are reported. A second Ctrl-C while they finish changes nothing, so that
+        # no finished image goes unreported.
+        failed = _report_running(futures, reported, report, abandon, keep_first_error=True)
+        if failed is not None:
+            # An image that ended with an error is not an image that did not start.
+            report(failed)
+        raise BatchInterrupted(outcomes) from None
+    except WorkerProcessError:
+        # An image's error stops the batch: the others running finish and are reported before
+        # the error, those that failed too as FAILED.
+        _report_running(futures, reported, report, abandon, keep_first_error=False)
+        raise
     return outcomes
+
+
+def _start_on_daemon_threads(
+    calls: list[tuple[InputFile, Callable[[], ImageOutcome]]], *, threads: int
+) -> dict[Future[ImageOutcome], InputFile]:
+    """Run CALLS, THREADS at a time in their order, on daemon threads; return their futures.
+
+    Daemon threads, unlike a `ThreadPoolExecutor`'s, are not waited for when the interpreter
+    exits, so an image whose read or write hangs (a network share that went away) cannot keep
+    the command from ending once the batch has stopped. Cancelling a future before its call
+    starts drops the call.
+    """
+    pending = collections.deque((Future[ImageOutcome](), call) for _, call in calls)
+    futures = {future: item for (future, _), (item, _) in zip(pending, calls, strict=True)}
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                future, call = pending.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                outcome = call()
+            except BaseException as exc:  # handed to the caller through the future
+                future.set_exception(exc)
+            else:
+                future.set_result(outcome)
+
+    for number in range(min(threads, len(calls))):
+        threading.Thread(target=work, name=f"labelmark-run_{number}", daemon=True).start()
+    return futures
+
+
+def unfinished_after_stop(key: str) -> ImageOutcome:
+    """Return the FAILED outcome of image KEY, still running STOP_GRACE seconds after a stop."""
+    logger.error(
+        "'%s' did not finish within %.0f s after the batch stopped; it is left unfinished",
+        printable(key),
+        STOP_GRACE,
+    )
+    reason = f"did not finish within {STOP_GRACE:.0f} s after the batch stopped"
+    return ImageOutcome(key, "FAILED", "", reason=reason)
 
 
 def failed_in_this_process(key: str, error: BaseException) -> ImageOutcome:
@@ -427,22 +489,28 @@ def _report_running(
     futures: list[Future[ImageOutcome]],
     reported: set[Future[ImageOutcome]],
     report: Callable[[Future[ImageOutcome], bool], None],
+    abandon: Callable[[Future[ImageOutcome]], None],
     *,
     keep_first_error: bool,
 ) -> Future[ImageOutcome] | None:
     """Cancel the FUTURES not started, wait for the running ones and REPORT those not reported.
 
-    With KEEP_FIRST_ERROR, the first future that raised is not reported but returned, for the
-    caller to raise its error once the others are reported. Any other that raised is reported
-    as FAILED.
+    The running ones get STOP_GRACE seconds in all; those still running then are passed to
+    ABANDON. With KEEP_FIRST_ERROR, the first future that raised is not reported but returned,
+    for the caller to raise its error once the others are reported. Any other that raised is
+    reported as FAILED.
     """
     failed = None
     for future in futures:
         future.cancel()
+    deadline = time.monotonic() + STOP_GRACE
     for future in futures:
         if future.cancelled() or future in reported:
             continue
-        _wait_despite_interrupts(future)
+        if not _wait_despite_interrupts(future, deadline):
+            with contextlib.suppress(KeyboardInterrupt):
+                abandon(future)
+            continue
         if keep_first_error and failed is None and future.exception() is not None:
             failed = future
             continue
@@ -452,13 +520,18 @@ def _report_running(
     return failed
 
 
-def _wait_despite_interrupts(future: Future[ImageOutcome]) -> None:
-    """Wait for FUTURE to end, ignoring further Ctrl-C."""
+def _wait_despite_interrupts(future: Future[ImageOutcome], deadline: float) -> bool:
+    """Wait for FUTURE to end until DEADLINE (a `time.monotonic()` value), ignoring further
+    Ctrl-C; return whether it ended."""
     while not future.done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
         try:
-            wait([future])
+            wait([future], timeout=remaining)
         except KeyboardInterrupt:
             continue
+    return True
 
 
 def run_one(engine: LocalEngine, item: InputFile, out_dir: Path) -> ImageOutcome:

@@ -42,7 +42,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from workflow.batch import BatchInterrupted, ImageOutcome, InputFile, run_one
+from workflow.batch import (
+    STOP_GRACE,
+    BatchInterrupted,
+    ImageOutcome,
+    InputFile,
+    run_one,
+    unfinished_after_stop,
+)
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine, started_objects_frozen
 from workflow.records import ExecutionStore, Recorder
@@ -61,7 +68,7 @@ logger = logging.getLogger(__name__)
 _LIVENESS_INTERVAL = 0.5
 # Seconds a worker that has started its engine gets to stop it and exit once the queue is empty,
 # and that running images get to finish after Ctrl-C.
-_EXIT_GRACE = 30.0
+_EXIT_GRACE = STOP_GRACE
 # Seconds to wait after Ctrl-C for the messages of images that were just taken.
 _SETTLE = 0.5
 _PARENT = 0
@@ -362,15 +369,8 @@ class _Collector:
     def abandon_local(self) -> None:
         """Report the image this process's thread still runs as FAILED; the batch ends without it."""
         index = self.running.pop(_PARENT, None)
-        if index is None:
-            return
-        logger.error(
-            "'%s' did not finish within %.0f s after the batch stopped; it is left unfinished",
-            printable(self.inputs[index].key),
-            _EXIT_GRACE,
-        )
-        reason = f"did not finish within {_EXIT_GRACE:.0f} s after the batch stopped"
-        self._add(ImageOutcome(self.inputs[index].key, "FAILED", "", reason=reason))
+        if index is not None:
+            self._add(unfinished_after_stop(self.inputs[index].key))
 
     def _running_in_workers(self) -> bool:
         return any(worker != _PARENT for worker in self.running)
