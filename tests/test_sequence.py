@@ -528,3 +528,51 @@ def test_photo_growing_past_limit_fails(tmp_path: Path, monkeypatch: pytest.Monk
     assert isinstance(outcome, ImageOutcome)
     assert outcome.status == "FAILED"
     assert "grew past the limit of 1,000 bytes" in outcome.reason
+
+
+def test_stop_during_hung_write_ends_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN one worker whose first results never finish writing (an output folder on a network
+    # share that went away), so the runner waits for that write before it writes the next
+    # WHEN Ctrl-C comes THEN the batch ends after the grace period, each image reported FAILED
+    import signal
+
+    from workflow import batch, sequence
+
+    monkeypatch.setattr(batch, "STOP_GRACE", 1.0)
+    original = sequence.write_results
+    hung = threading.Event()
+
+    def hanging_write(engine: LocalEngine, finished: object, out_dir: Path) -> ImageOutcome:
+        if getattr(finished, "key", "") == "p0.jpg":
+            hung.wait(timeout=120)  # bounded, so that a regression fails instead of hanging
+        return original(engine, finished, out_dir)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sequence, "write_results", hanging_write)
+    inputs = _photos(tmp_path / "photos", 3)
+    started = time.monotonic()
+    try:
+        with LocalEngine(CONFIG) as engine:
+
+            def interrupt_once_all_ran() -> None:
+                # A real signal, which wakes a blocked wait in the main thread as Ctrl-C does.
+                deadline = time.monotonic() + 60
+                while engine.dispatcher.invocations.get("store", 0) < 3:
+                    if time.monotonic() > deadline:
+                        return
+                    time.sleep(0.05)
+                time.sleep(0.5)
+                os.kill(os.getpid(), signal.SIGINT)
+
+            threading.Thread(target=interrupt_once_all_ran, daemon=True).start()
+            with pytest.raises(BatchInterrupted) as interrupted:
+                run_batch(engine, inputs, tmp_path / "out", workers=1)
+        took = time.monotonic() - started
+    finally:
+        hung.set()
+
+    assert took < 60
+    outcomes = interrupted.value.outcomes
+    # The second and third ran, but wait to write after the first.
+    assert [outcome.key for outcome in outcomes] == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    assert all(outcome.status == "FAILED" for outcome in outcomes)
+    assert all("did not finish within" in outcome.reason for outcome in outcomes)

@@ -25,7 +25,9 @@ the runs ended. Two differences remain. A photo is read while the one before it 
 change to its file in that time is not seen. After Ctrl-C or an error, the photo read ahead
 does not run, but its copy stays in the state folder, where a later run of the same bytes
 finds it. A read that hangs (a network share that went away) does not hold up a stop: it is
-left to its daemon thread.
+left to its daemon thread. Nor does a write that hangs: after Ctrl-C or an error, the running
+execution and the writes get STOP_GRACE seconds (`workflow.batch`), and an image still unfinished
+then is reported as FAILED.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ import functools
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from pathlib import Path
+from typing import TypeVar
 
+from workflow import batch
 from workflow.batch import (
     BatchInterrupted,
     FinishedRun,
@@ -54,6 +59,8 @@ from workflow.engine import EngineConfig, LocalEngine
 from workflow.workers import WorkerProcessError
 
 __all__ = ["one_model_thread", "run_in_sequence"]
+
+_Result = TypeVar("_Result")
 
 
 def run_in_sequence(
@@ -101,11 +108,13 @@ def _run_in_sequence(
     # token on WAKE for each. The list, not the queue, records what is left to report, so that
     # Ctrl-C while a token is taken off the queue loses no outcome.
     issued: list[tuple[InputFile, Future[ImageOutcome]]] = []
+    # Every image the runner has taken up, in order; those past issued's length are running.
+    started: list[InputFile] = []
     wake: queue.Queue[bool] = queue.Queue()
     stop = threading.Event()
     runner = threading.Thread(
         target=_run_all,
-        args=(engine, inputs, out_dir, issued, wake, stop),
+        args=(engine, inputs, out_dir, issued, started, wake, stop),
         name="labelmark-run",
         daemon=True,
     )
@@ -129,6 +138,7 @@ def _run_in_sequence(
         stop.set()
         _join_despite_interrupts(runner)
         failed = _report_rest(issued, position, outcomes, on_done, keep_first_error=True)
+        _report_unfinished(issued, started, outcomes, on_done)
         if failed is not None:
             # An image that ended with an error is not an image that did not start.
             raise failed from None
@@ -140,6 +150,7 @@ def _run_in_sequence(
         _join_despite_interrupts(runner)
         rest = position + 1 if isinstance(exc, WorkerProcessError) else position
         _report_rest(issued, rest, outcomes, on_done, keep_first_error=False)
+        _report_unfinished(issued, started, outcomes, on_done)
         raise
     runner.join()
     return outcomes
@@ -158,11 +169,14 @@ def _run_all(
     inputs: list[InputFile],
     out_dir: Path,
     issued: list[tuple[InputFile, Future[ImageOutcome]]],
+    started: list[InputFile],
     wake: queue.Queue[bool],
     stop: threading.Event,
 ) -> None:
-    """Run every input in order until STOP is set, issuing one future per image, then wake False."""
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelmark-write")
+    """Run every input in order until STOP is set, issuing one future per image, then wake False.
+
+    Each image is added to STARTED when it is taken up, and to ISSUED with its future later.
+    """
     reading: Future[ReadPhoto | ImageOutcome] | None = None
     writing: Future[ImageOutcome] | None = None
     # The last run that ended, with its input, until its files are handed to the writer.
@@ -182,7 +196,11 @@ def _run_all(
             _wait_quietly(writing)
         item, finished = ended
         ended = None
-        writing = writer.submit(write_results, engine, finished, out_dir)
+        # On a daemon thread: a write that hangs (a network share that went away) must not
+        # keep the command from ending after a stop.
+        writing = _in_background(
+            functools.partial(write_results, engine, finished, out_dir), name="labelmark-write"
+        )
         issue(item, writing)
 
     def start_file_work(index: int) -> None:
@@ -206,6 +224,7 @@ def _run_all(
             # away), and a photo read after a stop request does not run.
             if not _wait_unless_stopped(reading, stop):
                 break
+            started.append(item)
             try:
                 photo = reading.result()
             except BaseException as exc:
@@ -228,22 +247,28 @@ def _run_all(
     finally:
         # A read still going is left to its thread, which does not keep the process alive.
         write_ended()
-        writer.shutdown(wait=True)
+        if writing is not None:
+            _wait_quietly(writing)
         wake.put(False)
 
 
 def _read_in_background(engine: LocalEngine, item: InputFile) -> Future[ReadPhoto | ImageOutcome]:
     """Start reading ITEM on a daemon thread and return the future of its result."""
-    future: Future[ReadPhoto | ImageOutcome] = Future()
+    return _in_background(functools.partial(read_photo, engine, item), name="labelmark-read")
+
+
+def _in_background(call: Callable[[], _Result], *, name: str) -> Future[_Result]:
+    """Run CALL on a new daemon thread and return the future of its result."""
+    future: Future[_Result] = Future()
     future.set_running_or_notify_cancel()
 
-    def read() -> None:
+    def run() -> None:
         try:
-            future.set_result(read_photo(engine, item))
-        except BaseException as exc:
+            future.set_result(call())
+        except BaseException as exc:  # handed to the caller through the future
             future.set_exception(exc)
 
-    threading.Thread(target=read, name="labelmark-read", daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     return future
 
 
@@ -257,12 +282,34 @@ def _wait_unless_stopped(future: Future[ReadPhoto | ImageOutcome], stop: threadi
 
 
 def _join_despite_interrupts(runner: threading.Thread) -> None:
-    """Wait for RUNNER to end: the running execution and the writes. Ctrl-C changes nothing."""
-    while runner.is_alive():
+    """Wait for RUNNER to end, STOP_GRACE seconds at most: the running execution and the writes.
+
+    Ctrl-C changes nothing. A runner still going after that (a write to a network share that
+    went away) is a daemon thread and is left behind.
+    """
+    deadline = time.monotonic() + batch.STOP_GRACE
+    while runner.is_alive() and time.monotonic() < deadline:
         try:
-            runner.join()
+            runner.join(timeout=max(0.0, deadline - time.monotonic()))
         except KeyboardInterrupt:
             continue
+
+
+def _report_unfinished(
+    issued: list[tuple[InputFile, Future[ImageOutcome]]],
+    started: list[InputFile],
+    outcomes: list[ImageOutcome],
+    on_done: Callable[[ImageOutcome], None] | None,
+) -> None:
+    """Report as FAILED the images STARTED that the runner left unfinished after a stop."""
+    unfinished = [item for item, future in issued if not future.done()]
+    unfinished += started[len(issued) :]
+    for item in unfinished:
+        outcome = batch.unfinished_after_stop(item.key)
+        outcomes.append(outcome)
+        if on_done is not None:
+            with contextlib.suppress(KeyboardInterrupt):
+                on_done(outcome)
 
 
 def _report_rest(
@@ -281,6 +328,8 @@ def _report_rest(
     """
     failed = None
     for item, future in issued[start:]:
+        if not future.done():
+            continue  # left running after the stop: `_report_unfinished` reports it
         exc = future.exception()
         if exc is None:
             outcome = future.result()
