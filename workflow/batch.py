@@ -22,6 +22,7 @@ from functions.common.labels import headline_names
 from workflow.display import printable
 from workflow.engine import LocalEngine, RunResult
 from workflow.localfiles import is_inside, key_to_path, write_object
+from workflow.threads import settle
 
 if TYPE_CHECKING:
     from workflow.records import ExecutionStore
@@ -450,14 +451,8 @@ def _start_on_daemon_threads(
                 if not pending:
                     return
                 future, call = pending.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                outcome = call()
-            except BaseException as exc:  # handed to the caller through the future
-                future.set_exception(exc)
-            else:
-                future.set_result(outcome)
+            if future.set_running_or_notify_cancel():
+                settle(future, call)
 
     for number in range(min(threads, len(calls))):
         threading.Thread(target=work, name=f"labelmark-run_{number}", daemon=True).start()

@@ -20,10 +20,11 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
+
+from workflow.threads import in_background
 
 __all__ = [
     "FUNCTIONS",
@@ -134,7 +135,9 @@ class LambdaDispatcher:
 
         if self._closed:
             raise RuntimeError(f"the local engine has stopped; {stage} was not run")
-        future = _run_on_daemon_thread(invoke, name=f"labelmark-lambda-{stage}")
+        # On a daemon thread: a handler that never returns, long after its run timed out, must
+        # not keep the command from exiting once the batch is done.
+        future = in_background(invoke, name=f"labelmark-lambda-{stage}")
         try:
             return future.result(timeout=function.timeout_seconds)
         except FutureTimeout as exc:
@@ -161,29 +164,6 @@ class LambdaDispatcher:
     def shutdown(self) -> None:
         """Refuse further invocations; those running end on their own."""
         self._closed = True
-
-
-def _run_on_daemon_thread(call: Callable[[], Any], *, name: str) -> Future[Any]:
-    """Run CALL on a new daemon thread; return the future of its result.
-
-    A handler that never returns, and timed out long ago, must not keep the command from exiting
-    once the batch is done, as the non-daemon threads of a `ThreadPoolExecutor` would: the
-    interpreter waits for those at exit. A thread costs about 0.1 ms to start, against the
-    tens of milliseconds of any stage.
-    """
-    future: Future[Any] = Future()
-
-    def run() -> None:
-        future.set_running_or_notify_cancel()
-        try:
-            result = call()
-        except BaseException as exc:  # handed to the caller through the future
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
 
 
 class _Timeout(Exception):

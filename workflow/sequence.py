@@ -41,7 +41,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
 from pathlib import Path
-from typing import TypeVar
 
 from workflow import batch
 from workflow.batch import (
@@ -56,11 +55,10 @@ from workflow.batch import (
     write_results,
 )
 from workflow.engine import EngineConfig, LocalEngine
+from workflow.threads import in_background
 from workflow.workers import WorkerProcessError
 
 __all__ = ["one_model_thread", "run_in_sequence"]
-
-_Result = TypeVar("_Result")
 
 
 def run_in_sequence(
@@ -198,7 +196,7 @@ def _run_all(
         ended = None
         # On a daemon thread: a write that hangs (a network share that went away) must not
         # keep the command from ending after a stop.
-        writing = _in_background(
+        writing = in_background(
             functools.partial(write_results, engine, finished, out_dir), name="labelmark-write"
         )
         issue(item, writing)
@@ -254,22 +252,7 @@ def _run_all(
 
 def _read_in_background(engine: LocalEngine, item: InputFile) -> Future[ReadPhoto | ImageOutcome]:
     """Start reading ITEM on a daemon thread and return the future of its result."""
-    return _in_background(functools.partial(read_photo, engine, item), name="labelmark-read")
-
-
-def _in_background(call: Callable[[], _Result], *, name: str) -> Future[_Result]:
-    """Run CALL on a new daemon thread and return the future of its result."""
-    future: Future[_Result] = Future()
-    future.set_running_or_notify_cancel()
-
-    def run() -> None:
-        try:
-            future.set_result(call())
-        except BaseException as exc:  # handed to the caller through the future
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
+    return in_background(functools.partial(read_photo, engine, item), name="labelmark-read")
 
 
 def _wait_unless_stopped(future: Future[ReadPhoto | ImageOutcome], stop: threading.Event) -> bool:
