@@ -22,7 +22,7 @@ def settle(future: Future[_Result], call: Callable[[], _Result]) -> None:
     """Run CALL and set FUTURE to its result or its exception. FUTURE must be running."""
     try:
         result = call()
-    except BaseException as exc:  # handed to whoever waits on the future
+    except BaseException as exc:  # handed to the caller through the future
         future.set_exception(exc)
     else:
         future.set_result(result)

@@ -268,8 +268,8 @@ class WorkerPool:
             if local.is_alive():
                 collector.abandon_local()
             if finished:
-                # Each worker sends its counts once its last image is reported, then stops its
-                # engine and exits while this process goes on; `close` waits for it.
+                # Each worker sends its counts once its last image is reported. It then stops its
+                # engine and exits while this process goes on, and `close` waits for it.
                 self._ready = collector.wait_for_ends(self._results)
                 # A worker still starting has no image, and would only compete for the cores.
                 _close_workers(
@@ -623,7 +623,7 @@ def _recorder(settings: _WorkerSettings) -> Recorder | None:
 def _close_workers(processes: dict[int, Any], ready: set[int]) -> None:
     """Let the READY workers stop their engines and exit; terminate the others.
 
-    READY holds the workers that reported the end of their batch. The others run no image: they
+    READY contains the workers that reported the end of their batch. The others run no image: they
     are still starting, or the batch was cut short, so they stop at once.
     """
     for worker, process in processes.items():

@@ -37,7 +37,7 @@ SIDECAR_SUFFIX = ".labels.json"
 _NAME_MAX = 80
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 # A replay started anew is named after the first run, with '-r2' up to '-r99' added. Derived
-# names leave room for that suffix, so that a replay's name holds its first run's name whole.
+# names leave room for that suffix, so that a replay's name contains its first run's name whole.
 _REPLAY_SUFFIX_MAX = len("-r99")
 _REPLAY_NAME = re.compile(r"(?P<first>.+-[0-9a-f]{16})-r(?P<attempt>[0-9]{1,2})")
 
@@ -123,7 +123,7 @@ def attempt_names(execution: str) -> list[str]:
 
     A replay started anew is named after the first run with '-rN', N counting the runs from 2:
     'x.jpg-<digest>-r3' follows 'x.jpg-<digest>' and 'x.jpg-<digest>-r2'. A redrive keeps its
-    name, and a name that is not derived from an upload stands alone.
+    name, and a name that is not derived from an upload is returned alone.
     """
     match = _REPLAY_NAME.fullmatch(execution)
     if match is None:

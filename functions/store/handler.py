@@ -181,9 +181,9 @@ def _delete_staging(s3: Any, staged: dict[str, Any]) -> None:
 def _delete_failure_records(s3: Any, bucket: str, execution: str | None) -> None:
     """Delete the failure records of EXECUTION and the earlier runs it replays, where they exist.
 
-    One DELETE per name (a first run has one), which S3 does not charge for; deleting a key
-    that does not exist succeeds. A failure only leaves the record, with a warning: the image
-    is published by now.
+    It sends one DELETE per name (a first run has one name), and deleting a key that does not
+    exist succeeds. A failure only leaves the record, with a warning, because the image is
+    published by now.
     """
     for name in attempt_names(execution) if execution else []:
         try:
