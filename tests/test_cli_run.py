@@ -823,3 +823,62 @@ def test_run_signal_while_error_is_shown_keeps_error(tmp_path: Path, signum: int
     assert "No space left on device" in completed.stderr
     assert "KeyboardInterrupt" not in completed.stderr
     assert "Aborted" not in completed.stderr
+
+
+_HANDLER_IN_MODEL_AT_EXIT_SCRIPT = """
+import dataclasses, os, sys, time
+from PIL import Image
+from functions.detect import local_model
+from workflow import dispatch
+from workflow.cli import entry
+
+photos, out, state = sys.argv[1:4]
+os.makedirs(photos, exist_ok=True)
+Image.new("RGB", (320, 240), (200, 30, 30)).save(os.path.join(photos, "a.jpg"))
+dispatch.FUNCTIONS["detect"] = dataclasses.replace(
+    dispatch.FUNCTIONS["detect"], timeout_seconds=0.5
+)
+classify = local_model.classify
+calls = []
+
+def slow_first_call(image):
+    # The first detect call stays in the model (native code) long after its run timed out.
+    calls.append(1)
+    deadline = time.monotonic() + (60 if len(calls) == 1 else 0)
+    probabilities = classify(image)
+    while time.monotonic() < deadline:
+        classify(image)
+    return probabilities
+
+local_model.classify = slow_first_call
+sys.argv = ["labelmark", "run", photos, "--out", out, "--state-dir", state, "--workers", "1"]
+entry()
+"""
+
+
+def test_run_exits_while_timed_out_handler_in_model(tmp_path: Path) -> None:
+    # GIVEN a first detect call that stays in the label model after its run timed out, and a
+    # retry that succeeds
+    # WHEN the command ends while that call still runs
+    import subprocess
+    import sys
+
+    started = time.monotonic()
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _HANDLER_IN_MODEL_AT_EXIT_SCRIPT,
+            *(str(tmp_path / name) for name in ("photos", "out", "state")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "POWERTOOLS_LOG_LEVEL": "CRITICAL"},
+    )
+
+    # THEN it exits at once with its own status, not aborted by the thread left in the model
+    assert completed.returncode == 0, completed.stderr
+    assert "1 succeeded" in completed.stdout
+    assert time.monotonic() - started < 45

@@ -20,11 +20,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from workflow import batch
 from workflow.batch import ImageOutcome, InputError, collect_inputs, run_batch
 from workflow.cli_options import StopSignal, detector_option, out_dir_option
+from workflow.dispatch import HANDLER_THREAD_PREFIX
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine, started_objects_frozen
 from workflow.localfiles import is_inside
 from workflow.records import ExecutionStore, Recorder, default_state_dir
 from workflow.sequence import one_model_thread
+from workflow.threads import exit_leaving_threads, threads_running
 from workflow.workers import WorkerPool, usable_cores
 
 __all__ = ["main"]
@@ -54,6 +56,18 @@ def main() -> None:
 
     Runs on this machine with no AWS account: `labelmark run photos/`.
     """
+
+
+def entry() -> None:
+    """Run the command line, as the `labelmark` script does."""
+    try:
+        main()
+    except SystemExit as done:
+        if threads_running(HANDLER_THREAD_PREFIX):
+            # A handler that timed out still runs, and Python's own exit could abort the process
+            # while that thread is in native code.
+            exit_leaving_threads(done.code)
+        raise
 
 
 @main.command()

@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 ACCOUNT = "123456789012"
+# The name of each thread that runs a handler starts with this.
+HANDLER_THREAD_PREFIX = "labelmark-lambda-"
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ class LambdaDispatcher:
             raise RuntimeError(f"the local engine has stopped; {stage} was not run")
         # On a daemon thread: a handler that never returns, long after its run timed out, must
         # not keep the command from exiting once the batch is done.
-        future = in_background(invoke, name=f"labelmark-lambda-{stage}")
+        future = in_background(invoke, name=f"{HANDLER_THREAD_PREFIX}{stage}")
         try:
             return future.result(timeout=function.timeout_seconds)
         except FutureTimeout as exc:

@@ -50,9 +50,11 @@ from workflow.batch import (
     run_one,
     unfinished_after_stop,
 )
+from workflow.dispatch import HANDLER_THREAD_PREFIX
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine, started_objects_frozen
 from workflow.records import ExecutionStore, Recorder
+from workflow.threads import exit_leaving_threads, threads_running
 
 __all__ = [
     "WorkerPool",
@@ -526,6 +528,12 @@ def _worker_main(worker: int, settings: _WorkerSettings, tasks: Any, results: An
         engine.stop()
         if engine.recorder is not None:
             engine.recorder.store.close()
+        if threads_running(HANDLER_THREAD_PREFIX):
+            # A handler that timed out still runs, and Python's own exit could abort this
+            # process while that thread is in native code. The messages go out first.
+            results.close()
+            results.join_thread()
+            exit_leaving_threads(0)
 
 
 def core_groups(processes: int) -> list[frozenset[int]]:
