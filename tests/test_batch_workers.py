@@ -641,3 +641,22 @@ def test_hung_image_on_threads_does_not_hold_the_stop(
     ]
     assert running and all(thread.daemon for thread in running)
     never.set()
+
+
+def test_worker_error_ends_its_running_image(tmp_path: Path) -> None:
+    # GIVEN a worker process that reports an error for the image it took
+    # WHEN the collector raises that error
+    # THEN the worker no longer counts as running one, so the stop that follows does not wait
+    # the whole grace period for it
+    import queue
+
+    inputs = [InputFile(tmp_path / "p0.jpg", "p0.jpg")]
+    collector = workers._Collector(inputs, {1: _RunningProcess()}, None)
+    messages: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    messages.put(("taken", 1, 0))
+    messages.put(("error", 1, 0, "OSError: [Errno 30] Read-only file system\n"))
+
+    with pytest.raises(workers.WorkerProcessError, match="Read-only file system"):
+        collector.collect(messages)
+
+    assert collector.running == {}

@@ -421,11 +421,12 @@ class _Collector:
         elif kind == "error":
             index, text = message[2], message[3]
             where = "this process" if worker == _PARENT else f"worker process {worker}"
+            # The worker runs no image any more, so the batch's stop does not wait for it.
+            self.running.pop(worker, None)
             if raise_errors:
                 raise WorkerProcessError(
                     f"running '{self.inputs[index].key}' failed in {where}:\n{text}"
                 )
-            self.running.pop(worker, None)
             # The traceback's last line names the exception and its message.
             cause = text.strip().splitlines()[-1] if text.strip() else "unknown error"
             reason = f"failed in {where}: {printable(cause)}"
