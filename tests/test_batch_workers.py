@@ -660,3 +660,21 @@ def test_worker_error_ends_its_running_image(tmp_path: Path) -> None:
         collector.collect(messages)
 
     assert collector.running == {}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_worker_processes_start_deaf_to_ctrl_c() -> None:
+    # GIVEN a pool just started, whose processes are still importing
+    # WHEN Ctrl-C could reach them THEN they cannot be interrupted by it, even before their own
+    # code ignores it: SIGINT is blocked from their start, and this process has it back
+    import signal
+
+    with WorkerPool(CONFIG, processes=1) as pool:
+        process = next(iter(pool.processes.values()))
+        status = Path(f"/proc/{process.pid}/status").read_text(encoding="ascii")
+        blocked = int(
+            next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16
+        )
+        assert blocked & (1 << (signal.SIGINT - 1))
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    _assert_gone(pool)

@@ -36,7 +36,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -176,8 +176,9 @@ class WorkerPool:
             _share_cores(self.settings.model_threads) if config.detector == "local" else None
         )
         try:
-            for process in self.processes.values():
-                process.start()
+            with _sigint_blocked():
+                for process in self.processes.values():
+                    process.start()
         except BaseException:
             self.close()
             raise
@@ -486,6 +487,24 @@ def _parent_worker(
 
 def _no_work(*_: Any) -> None:
     pass
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread inside the block, so that processes started in it never see it.
+
+    A started process inherits the blocked signal, which stays blocked across `exec`, so Ctrl-C
+    in the terminal cannot interrupt a worker while it imports, before it ignores SIGINT. A
+    Ctrl-C meanwhile stays pending for this process and arrives once the block ends.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _worker_main(worker: int, settings: _WorkerSettings, tasks: Any, results: Any) -> None:
