@@ -452,15 +452,18 @@ def test_interrupt_finishes_running_images(tmp_path: Path, mode: str) -> None:
     _assert_nothing_half_written(outcomes, out_dir)
 
 
-def test_sigterm_stops_run_like_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["command", "group"])
+def test_sigterm_stops_run_like_ctrl_c(tmp_path: Path, target: str) -> None:
     # GIVEN 'labelmark run' with two workers on 30 photos WHEN SIGTERM reaches the command alone
-    # (as `kill PID` sends it) once the first image is printed THEN the images running finish.
-    # Every printed image has its sidecar, no worker process goes on with the queue, and the exit
-    # status is 128 + SIGTERM.
+    # (as `kill PID` sends it), or every process of its group (as systemd stops a service), once
+    # the first image is printed THEN the images running finish. Every printed image has its
+    # sidecar, none failed, no worker process goes on with the queue, and the exit status is
+    # 128 + SIGTERM.
     import os
     import signal
     import subprocess
     import sys
+    import time
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -475,10 +478,19 @@ def test_sigterm_stops_run_like_ctrl_c(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
         text=True,
         env=env,
+        start_new_session=True,
     )
     assert process.stdout is not None
     lines = [process.stdout.readline()]
-    process.send_signal(signal.SIGTERM)
+    if target == "group":
+        # Once the worker process runs images too, so that the signal finds it at work.
+        deadline = time.monotonic() + 60
+        while len(_owner_pids(tmp_path / "state")) < 2 and time.monotonic() < deadline:
+            assert process.poll() is None, "the batch ended before the worker process ran images"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     rest, _ = process.communicate(timeout=120)
     lines += rest.splitlines()
 
@@ -487,6 +499,7 @@ def test_sigterm_stops_run_like_ctrl_c(tmp_path: Path) -> None:
     assert process.returncode == 128 + signal.SIGTERM
     assert any(line.startswith("interrupted") for line in lines)
     assert len(printed) == len(images)
+    assert not [line for line in printed if line.startswith("FAILED")]
     assert all(Path(f"{image}.labels.json").is_file() for image in images)
     assert not list(out.rglob(".partial-*"))
 
@@ -663,10 +676,11 @@ def test_worker_error_ends_its_running_image(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
-def test_worker_processes_start_deaf_to_ctrl_c() -> None:
+def test_worker_processes_start_deaf_to_stop_signals() -> None:
     # GIVEN a pool just started, whose processes are still importing
-    # WHEN Ctrl-C could reach them THEN they cannot be interrupted by it, even before their own
-    # code ignores it: SIGINT is blocked from their start, and this process has it back
+    # WHEN Ctrl-C or SIGTERM could reach them THEN they cannot be interrupted, even before their
+    # own code ignores the signals: both are blocked from their start, and this process has
+    # them back
     import signal
 
     with WorkerPool(CONFIG, processes=1) as pool:
@@ -676,5 +690,7 @@ def test_worker_processes_start_deaf_to_ctrl_c() -> None:
             next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16
         )
         assert blocked & (1 << (signal.SIGINT - 1))
+        assert blocked & (1 << (signal.SIGTERM - 1))
         assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
     _assert_gone(pool)

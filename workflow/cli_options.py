@@ -45,8 +45,9 @@ class StopSignal:
     """Turns SIGTERM (and other SIGNALS) into KeyboardInterrupt while in use, and keeps which
     signal stopped the run.
 
-    `kill PID`, `timeout` and service managers send SIGTERM to the command alone: without this,
-    the command would end at once and its worker processes would go on with the queue. Only the
+    `kill PID` and `timeout` send SIGTERM to the command alone, and systemd sends it to every
+    process of the service: without this, the command would end at once, and its worker
+    processes, which ignore it, would go on with the queue. Only the
     first signal raises: the command is then already stopping, and a second one would cut short
     the work that reports what finished. Inside `deferred()`, the first signal raises when the
     block ends, so that a result is not counted without its line being printed.

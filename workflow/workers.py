@@ -176,7 +176,7 @@ class WorkerPool:
             _share_cores(self.settings.model_threads) if config.detector == "local" else None
         )
         try:
-            with _sigint_blocked():
+            with _stop_signals_blocked():
                 for process in self.processes.values():
                     process.start()
         except BaseException:
@@ -490,17 +490,17 @@ def _no_work(*_: Any) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    """Block SIGINT in this thread inside the block, so that processes started in it never see it.
+def _stop_signals_blocked() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in this thread inside the block, for the processes it starts.
 
-    A started process inherits the blocked signal, which stays blocked across `exec`, so Ctrl-C
-    in the terminal cannot interrupt a worker while it imports, before it ignores SIGINT. A
-    Ctrl-C meanwhile stays pending for this process and arrives once the block ends.
+    A started process inherits the blocked signals, which stay blocked across `exec`, so Ctrl-C
+    in the terminal cannot interrupt a worker while it imports, before it ignores them. A signal
+    meanwhile stays pending for this process and arrives once the block ends.
     """
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
@@ -513,9 +513,11 @@ def _worker_main(worker: int, settings: _WorkerSettings, tasks: Any, results: An
     Each task is (index in the batch, input, output folder), so the process can start before the
     batch is known.
     """
-    # Ctrl-C reaches every process of the terminal's group; the calling process handles it and
-    # stops the workers.
+    # Ctrl-C reaches every process of the terminal's group, and a service manager such as
+    # systemd sends SIGTERM to every process of the service. The calling process handles both
+    # and lets the workers finish their images, so they ignore them (and are killed with SIGKILL).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.getLogger("moto").setLevel(settings.moto_log_level)
     from functions.detect.local_model import THREADS_ENV
 
@@ -649,7 +651,7 @@ def _recorder(settings: _WorkerSettings) -> Recorder | None:
 
 
 def _close_workers(processes: dict[int, Any], ready: set[int]) -> None:
-    """Let the READY workers stop their engines and exit; terminate the others.
+    """Let the READY workers stop their engines and exit; kill the others.
 
     READY contains the workers that reported the end of their batch. The others run no image: they
     are still starting, or the batch was cut short, so they stop at once.
@@ -658,7 +660,8 @@ def _close_workers(processes: dict[int, Any], ready: set[int]) -> None:
         if worker in ready:
             process.join(timeout=_EXIT_GRACE)
         if process.is_alive():
-            process.terminate()
+            # SIGKILL, because workers ignore SIGTERM.
+            process.kill()
             process.join(timeout=5)
 
 
