@@ -239,6 +239,8 @@ class WorkerPool:
 
         collector = _Collector(inputs, self.processes, on_done)
         finished = False
+        # Once the batch stops, the images running have until then to finish.
+        deadline: float | None = None
         try:
             try:
                 collector.collect(self._results)
@@ -246,8 +248,9 @@ class WorkerPool:
                 # Ctrl-C: images not started yet are dropped, and each process finishes the one
                 # it is running, so that no output is left half written.
                 stop.set()
+                deadline = time.monotonic() + _EXIT_GRACE
                 self._drop_queued()
-                collector.finish_running(self._results, local)
+                collector.finish_running(self._results, local, deadline)
                 finished = True
                 # The collector's own list: outcomes that arrive while the batch ends are added
                 # to it below, before the caller sees the exception.
@@ -257,23 +260,25 @@ class WorkerPool:
                 # left half written, and are reported before the error, as FAILED if they fail
                 # too (the next write to a full disk).
                 stop.set()
+                deadline = time.monotonic() + _EXIT_GRACE
                 self._drop_queued()
-                collector.finish_running(self._results, local, raise_errors=False)
+                collector.finish_running(self._results, local, deadline, raise_errors=False)
                 finished = True
                 raise
             finished = True
         finally:
             stop.set()
-            # The images running had _EXIT_GRACE seconds to finish after a stop. A read that
-            # hangs (a network share that went away) must not hold the stop past that: this
-            # process's thread is a daemon and is left behind, its image reported as FAILED.
-            local.join(timeout=_EXIT_GRACE)
-            if local.is_alive():
-                collector.abandon_local()
+            if deadline is None:
+                deadline = time.monotonic() + _EXIT_GRACE
+            # A read or write that hangs (a network share that went away) must not hold the stop
+            # past the deadline. This process's thread is a daemon and is left behind, and a
+            # worker process still running an image is killed.
+            local.join(timeout=max(0.0, deadline - time.monotonic()))
             if finished:
                 # Each worker sends its counts once its last image is reported. It then stops its
                 # engine and exits while this process goes on, and `close` waits for it.
-                self._ready = collector.wait_for_ends(self._results)
+                self._ready = collector.wait_for_ends(self._results, deadline)
+                collector.abandon_running()
                 # A worker still starting has no image, and would only compete for the cores.
                 _close_workers(
                     {w: p for w, p in self.processes.items() if w not in self._ready}, set()
@@ -349,16 +354,22 @@ class _Collector:
             self._handle(message)
 
     def finish_running(
-        self, results: Any, local: threading.Thread, *, raise_errors: bool = True
+        self,
+        results: Any,
+        local: threading.Thread,
+        deadline: float,
+        *,
+        raise_errors: bool = True,
     ) -> None:
         """Collect the outcomes of the images still running, once no new image can start.
 
         Waits until neither this process's thread (LOCAL) nor any worker process is running an
-        image, for at least _SETTLE seconds so that messages already sent arrive, and for at most
-        _EXIT_GRACE seconds. Without RAISE_ERRORS, an image's error is reported as FAILED.
+        image, for at least _SETTLE seconds so that messages already sent arrive, and at most
+        until DEADLINE (a `time.monotonic()` value). Without RAISE_ERRORS, an image's error is
+        reported as FAILED.
         """
         started = time.monotonic()
-        while time.monotonic() - started < _EXIT_GRACE:
+        while time.monotonic() < deadline:
             settled = time.monotonic() - started >= _SETTLE
             if settled and not local.is_alive() and not self._running_in_workers():
                 return
@@ -369,29 +380,31 @@ class _Collector:
                 continue
             self._handle(message, raise_errors=raise_errors)
 
-    def abandon_local(self) -> None:
-        """Report the image this process's thread still runs as FAILED; the batch ends without it."""
-        index = self.running.pop(_PARENT, None)
-        if index is not None:
+    def abandon_running(self) -> None:
+        """Report each image still running as FAILED: the batch ends without it."""
+        for worker, index in list(self.running.items()):
+            del self.running[worker]
             self._add(unfinished_after_stop(self.inputs[index].key))
 
     def _running_in_workers(self) -> bool:
         return any(worker != _PARENT for worker in self.running)
 
-    def wait_for_ends(self, results: Any) -> set[int]:
+    def wait_for_ends(self, results: Any, deadline: float) -> set[int]:
         """Wait until each ready worker has sent its end counts or died; return those that sent them.
 
         A worker sends them after the last message of its batch, so every outcome is in by then.
-        Waits at most _EXIT_GRACE seconds.
+        Waits at most until DEADLINE (a `time.monotonic()` value), then handles the messages
+        already sent.
         """
-        started = time.monotonic()
-        while self.ready - self.exited and time.monotonic() - started < _EXIT_GRACE:
+        while self.ready - self.exited and time.monotonic() < deadline:
             try:
                 message = results.get(timeout=0.05)
             except queue.Empty:
                 self._check_workers()
                 continue
             self._handle(message, raise_errors=False)
+        if self.ready - self.exited:
+            self.drain(results)
         return self.ready & self.ended
 
     def drain(self, results: Any) -> None:
