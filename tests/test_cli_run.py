@@ -882,3 +882,43 @@ def test_run_exits_while_timed_out_handler_in_model(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
     assert "1 succeeded" in completed.stdout
     assert time.monotonic() - started < 45
+
+
+@pytest.mark.parametrize("signum", [2, 15])
+def test_run_signal_after_summary_changes_nothing(tmp_path: Path, signum: int) -> None:
+    # GIVEN 'labelmark run' on three photos, started as its script starts it
+    # WHEN Ctrl-C or SIGTERM reaches its process group as soon as the summary is printed
+    import subprocess
+    import sys
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        Image.effect_noise((160, 120), 20 + index).convert("RGB").save(photos / f"p{index}.jpg")
+    script = "import sys; from workflow.cli import entry; sys.argv[0] = 'labelmark'; entry()"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "run", str(photos), "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "LABELMARK_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "200"},
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if " images in " in line:
+            os.killpg(process.pid, signum)
+            break
+    rest, errors = process.communicate(timeout=120)
+    lines += rest.splitlines()
+
+    # THEN the command ends with the batch's status and no traceback. Only a signal that came
+    # before the summary was done counts, and then the command says so.
+    assert process.returncode in (0, 128 + signum), errors
+    assert "Traceback" not in errors
+    assert "Aborted" not in errors
+    if process.returncode:
+        assert any(line.startswith("interrupted") for line in lines)

@@ -78,3 +78,25 @@ def test_error_behind_interrupt_is_kept() -> None:
     assert isinstance(error, click.ClickException)
     assert error.message == "running 'p1.jpg' failed in this process"
     assert _error_behind(KeyboardInterrupt()) is None
+
+
+def test_signal_after_finish_changes_nothing() -> None:
+    # GIVEN a command that has done its work and reported it WHEN a signal arrives THEN nothing
+    # is raised and nothing is kept
+    stop = StopSignal((signal.SIGINT, signal.SIGTERM))
+    with stop:
+        stop.finish()
+        _send(signal.SIGTERM)
+
+    assert stop.received is None
+
+
+def test_signal_held_back_before_finish_is_kept() -> None:
+    # GIVEN a signal held back by a deferred block WHEN the command finishes in that block
+    # THEN the block ends without raising, and the signal is kept for the exit status
+    stop = StopSignal((signal.SIGINT, signal.SIGTERM))
+    with stop, stop.deferred():
+        _send(signal.SIGINT)
+        stop.finish()
+
+    assert stop.received == signal.SIGINT

@@ -63,6 +63,10 @@ def entry() -> None:
     try:
         main()
     except SystemExit as done:
+        # The command has ended, so a signal while Python exits changes nothing. Without this,
+        # Ctrl-C in that moment printed a traceback, and SIGTERM replaced the exit status.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if threads_running(HANDLER_THREAD_PREFIX):
             # A handler that timed out still runs, and Python's own exit could abort the process
             # while that thread is in native code.
@@ -160,6 +164,7 @@ def run(
                 state_dir=state_dir,
                 verbose=verbose,
             )
+            stop_signal.finish()
         except KeyboardInterrupt:
             # A signal while the inputs were listed or the settings checked: nothing ran.
             console.print("interrupted before any image started", soft_wrap=True)
@@ -171,13 +176,10 @@ def run(
             try:
                 with stop_signal.deferred():
                     error.show()
+                    stop_signal.finish()
             except KeyboardInterrupt:
                 pass  # the error is shown in full, and the command ends with its status
             status = error.exit_code
-    if stop_signal.received:
-        # The command is ending after a signal: one more while Python exits changes nothing.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(status)
 
 
@@ -265,16 +267,16 @@ def _run(
             raise error from None
         stop_signal.received = stop_signal.received or signal.SIGINT
 
-    try:
-        with stop_signal.deferred():
-            batch.remove_replaced_failure_records(
-                recorder.store,
-                out_dir,
-                (outcome.execution for outcome in outcomes if outcome.status != "SKIPPED"),
-            )
-            _print_summary(console, outcomes, time.perf_counter() - started, out_dir)
-    except KeyboardInterrupt:
-        pass  # the signal is kept in stop_signal.received
+    with stop_signal.deferred():
+        batch.remove_replaced_failure_records(
+            recorder.store,
+            out_dir,
+            (outcome.execution for outcome in outcomes if outcome.status != "SKIPPED"),
+        )
+        _print_summary(console, outcomes, time.perf_counter() - started, out_dir)
+        # The batch is over and reported: a signal from now on changes neither the output nor
+        # the status. One that came before is in stop_signal.received.
+        stop_signal.finish()
     if stop_signal.received:
         not_started = len(inputs) - len(outcomes)
         if not_started:

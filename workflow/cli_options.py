@@ -59,6 +59,7 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
         self._deferring = 0
         self._pending = False
+        self._finished = False
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -79,12 +80,20 @@ class StopSignal:
             yield
         finally:
             self._deferring -= 1
-            if self._pending and not self._deferring:
+            if self._pending and not self._deferring and not self._finished:
                 self._pending = False
                 raise KeyboardInterrupt
 
+    def finish(self) -> None:
+        """Ignore the signals from now on: the command has done its work and reported it.
+
+        A signal that came before is kept in `received`, and one held back by `deferred()` no
+        longer raises.
+        """
+        self._finished = True
+
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
+        if self.received is not None or self._finished:
             return
         self.received = signum
         if self._deferring:
