@@ -312,6 +312,30 @@ def test_replay_success_removes_failure_record(
     assert list((out / "labelmark-failures").glob("*.json")) == []
 
 
+def test_replay_success_removes_whole_chain_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a photo whose run failed on a pixel limit, and two replays that failed the same way
+    _, out, failed = _run_failing_on_pixel_limit(tmp_path, monkeypatch, "chain.jpg")
+    monkeypatch.setenv("MAX_PIXELS", "1000")
+    second = CliRunner().invoke(main, ["replay", "--failed", "--out", str(out)])
+    third = CliRunner().invoke(main, ["replay", "--failed", "--out", str(out)])
+    monkeypatch.delenv("MAX_PIXELS")
+    records_before = list((out / "labelmark-failures").glob("*.json"))
+
+    # WHEN the fourth run, a replay within the default limit, succeeds
+    fourth = CliRunner().invoke(main, ["replay", "--failed", "--out", str(out)])
+
+    # THEN the failure records of the first run and of both failed replays are gone
+    assert failed.exit_code == 1
+    assert second.exit_code == 1, second.output
+    assert third.exit_code == 1, third.output
+    assert len(records_before) >= 2
+    assert fourth.exit_code == 0, fourth.output
+    assert "-r4" in fourth.output
+    assert list((out / "labelmark-failures").glob("*.json")) == []
+
+
 def test_replaced_photo_retires_old_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

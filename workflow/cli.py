@@ -61,7 +61,7 @@ def main() -> None:
 def entry() -> None:
     """Run the command line, as the `labelmark` script does."""
     try:
-        main()
+        main(obj={"script": True})
     except SystemExit as done:
         # The command has ended, so a signal while Python exits changes nothing. Without this,
         # Ctrl-C in that moment printed a traceback, and SIGTERM replaced the exit status.
@@ -149,6 +149,10 @@ def run(
     # Ctrl-C and SIGTERM stop the batch once the images running have finished. The handlers stay
     # until the summary is printed, so a second signal cannot end the command before it.
     stop_signal = StopSignal((signal.SIGINT, signal.SIGTERM))
+    context = click.get_current_context(silent=True)
+    if context is not None and (context.find_root().obj or {}).get("script"):
+        # The process ends with this command, so a signal while it exits changes nothing.
+        stop_signal.ignore_after()
     with stop_signal:
         try:
             status = _run(

@@ -567,10 +567,13 @@ def _replay_local(
                 folder = out_dir if out_given or recorded is None else recorded
                 outcome = write_outcome(engine, plan.original.source_key or "", result, folder)
                 if outcome.status == "SUCCEEDED":
-                    # The failed runs this replay repairs no longer describe the upload.
-                    for failed in filter(None, (plan.original.name, plan.original.replay_of)):
-                        for failed_folder in {folder, *store.output_folders(failed)}:
-                            remove_failure_record(failed, failed_folder)
+                    # The failed runs this replay repairs, the first run and every replay of it
+                    # before this one, no longer describe the upload.
+                    for attempt in store.attempts(store.root_of(plan.original.name)):
+                        if attempt.name == plan.name:
+                            continue
+                        for failed_folder in {folder, *store.output_folders(attempt.name)}:
+                            remove_failure_record(attempt.name, failed_folder)
                 remove_replaced_failure_records(store, folder, [plan.name])
                 written = outcome.output_file or outcome.failure_file
                 console.print(

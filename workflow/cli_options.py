@@ -60,6 +60,7 @@ class StopSignal:
         self._deferring = 0
         self._pending = False
         self._finished = False
+        self._restore = True
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -69,8 +70,15 @@ class StopSignal:
 
     def __exit__(self, *exc_info: object) -> None:
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+            signal.signal(signum, previous if self._restore else signal.SIG_IGN)
         self._previous.clear()
+
+    def ignore_after(self) -> None:
+        """Leave the signals ignored, not restored, when the block ends.
+
+        For a process that ends with the block, so that a signal cannot cut short its exit.
+        """
+        self._restore = False
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
