@@ -20,13 +20,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from workflow import batch
 from workflow.batch import ImageOutcome, InputError, collect_inputs, run_batch
 from workflow.cli_options import StopSignal, detector_option, out_dir_option
-from workflow.dispatch import HANDLER_THREAD_PREFIX
+from workflow.dispatch import handlers_running
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine, started_objects_frozen
 from workflow.localfiles import is_inside
 from workflow.records import ExecutionStore, Recorder, default_state_dir
 from workflow.sequence import one_model_thread
-from workflow.threads import exit_leaving_threads, threads_running
+from workflow.threads import exit_leaving_threads
 from workflow.workers import WorkerPool, usable_cores
 
 __all__ = ["main"]
@@ -67,7 +67,7 @@ def entry() -> None:
         # Ctrl-C in that moment printed a traceback, and SIGTERM replaced the exit status.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if threads_running(HANDLER_THREAD_PREFIX):
+        if handlers_running():
             # A handler that timed out still runs, and Python's own exit could abort the process
             # while that thread is in native code.
             exit_leaving_threads(done.code)

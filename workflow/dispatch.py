@@ -24,7 +24,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
-from workflow.threads import in_background
+from workflow.threads import DaemonThreads
 
 __all__ = [
     "FUNCTIONS",
@@ -35,8 +35,16 @@ __all__ = [
 ]
 
 ACCOUNT = "123456789012"
-# The name of each thread that runs a handler starts with this.
-HANDLER_THREAD_PREFIX = "labelmark-lambda-"
+
+# Handler calls running in this process, in every dispatcher, timed-out ones included.
+_running_lock = threading.Lock()
+_running = 0
+
+
+def handlers_running() -> bool:
+    """Return whether a handler is still running in this process, such as one that timed out."""
+    with _running_lock:
+        return _running > 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,9 @@ class LambdaDispatcher:
     invocations: dict[str, int] = field(default_factory=dict)
     begun: int = 0  # invocations begun in this process, in all stages
     _lock: threading.Condition = field(default_factory=threading.Condition)
+    # Daemon threads: a handler that never returns, long after its run timed out, must not
+    # keep the command from exiting once the batch is done.
+    _threads: DaemonThreads = field(default_factory=lambda: DaemonThreads("labelmark-lambda"))
     _closed: bool = False
 
     def invoke(self, function_name: str, payload: bytes | str | None) -> dict[str, Any]:
@@ -130,16 +141,22 @@ class LambdaDispatcher:
         fault_hook = self.fault_hook
 
         def invoke() -> Any:
-            # The fault hook runs inside the invocation, so a slow hook counts against the timeout.
-            if fault_hook is not None:
-                fault_hook(stage, event)
-            return handler(event, context)
+            global _running
+            with _running_lock:
+                _running += 1
+            try:
+                # The fault hook runs inside the invocation, so a slow hook counts against the
+                # timeout.
+                if fault_hook is not None:
+                    fault_hook(stage, event)
+                return handler(event, context)
+            finally:
+                with _running_lock:
+                    _running -= 1
 
         if self._closed:
             raise RuntimeError(f"the local engine has stopped; {stage} was not run")
-        # On a daemon thread: a handler that never returns, long after its run timed out, must
-        # not keep the command from exiting once the batch is done.
-        future = in_background(invoke, name=f"{HANDLER_THREAD_PREFIX}{stage}")
+        future = self._threads.submit(invoke)
         try:
             return future.result(timeout=function.timeout_seconds)
         except FutureTimeout as exc:
@@ -166,6 +183,7 @@ class LambdaDispatcher:
     def shutdown(self) -> None:
         """Refuse further invocations; those running end on their own."""
         self._closed = True
+        self._threads.shutdown()
 
 
 class _Timeout(Exception):

@@ -55,10 +55,15 @@ from workflow.batch import (
     write_results,
 )
 from workflow.engine import EngineConfig, LocalEngine
-from workflow.threads import in_background
+from workflow.threads import DaemonThreads
 from workflow.workers import WorkerProcessError
 
 __all__ = ["one_model_thread", "run_in_sequence"]
+
+# Daemon threads, so that a read or write that hangs (a network share that went away) cannot
+# keep the command from ending after a stop.
+_READS = DaemonThreads("labelmark-read")
+_WRITES = DaemonThreads("labelmark-write")
 
 
 def run_in_sequence(
@@ -194,11 +199,7 @@ def _run_all(
             _wait_quietly(writing)
         item, finished = ended
         ended = None
-        # On a daemon thread: a write that hangs (a network share that went away) must not
-        # keep the command from ending after a stop.
-        writing = in_background(
-            functools.partial(write_results, engine, finished, out_dir), name="labelmark-write"
-        )
+        writing = _WRITES.submit(functools.partial(write_results, engine, finished, out_dir))
         issue(item, writing)
 
     def start_file_work(index: int) -> None:
@@ -252,7 +253,7 @@ def _run_all(
 
 def _read_in_background(engine: LocalEngine, item: InputFile) -> Future[ReadPhoto | ImageOutcome]:
     """Start reading ITEM on a daemon thread and return the future of its result."""
-    return in_background(functools.partial(read_photo, engine, item), name="labelmark-read")
+    return _READS.submit(functools.partial(read_photo, engine, item))
 
 
 def _wait_unless_stopped(future: Future[ReadPhoto | ImageOutcome], stop: threading.Event) -> bool:

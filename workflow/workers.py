@@ -50,11 +50,11 @@ from workflow.batch import (
     run_one,
     unfinished_after_stop,
 )
-from workflow.dispatch import HANDLER_THREAD_PREFIX
+from workflow.dispatch import handlers_running
 from workflow.display import printable
 from workflow.engine import EngineConfig, LocalEngine, started_objects_frozen
 from workflow.records import ExecutionStore, Recorder
-from workflow.threads import exit_leaving_threads, threads_running
+from workflow.threads import exit_leaving_threads
 
 __all__ = [
     "WorkerPool",
@@ -563,7 +563,7 @@ def _worker_main(worker: int, settings: _WorkerSettings, tasks: Any, results: An
         engine.stop()
         if engine.recorder is not None:
             engine.recorder.store.close()
-        if threads_running(HANDLER_THREAD_PREFIX):
+        if handlers_running():
             # A handler that timed out still runs, and Python's own exit could abort this
             # process while that thread is in native code. The messages go out first.
             results.close()
