@@ -5,11 +5,11 @@ them. A call that never returns (a handler stuck long after its run timed out, a
 a network share that went away) must not keep labelmark from ending, so such calls run on daemon
 threads instead.
 
-Those threads are reused once idle (`DaemonThreads`), not started for each call: glibc gives a
-new thread one of its per-thread memory arenas, and with three new threads an image, freed
-image buffers spread over up to 8 arenas a core. A batch of 1,000 photos of 480 x 360 with two
-workers then took 945 MiB after 100 photos and grew by 14% to the thousandth, against 688 MiB
-and 3% with reused threads (`bench/endtoend.py`).
+Those threads are reused once idle (`DaemonThreads`), not started for each call. glibc gives
+each new thread one of its memory arenas (by default up to 8 a core, mallopt(3)), so with three
+new threads an image, freed image buffers spread over many arenas. A batch of 1,000 photos of
+480 x 360 with two workers then took 945 MiB after 100 photos and grew by 14% to the
+thousandth, against about 680 MiB and 3% with reused threads (`bench/endtoend.py`).
 """
 
 from __future__ import annotations
