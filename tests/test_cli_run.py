@@ -336,6 +336,28 @@ def test_replay_success_removes_whole_chain_records(
     assert list((out / "labelmark-failures").glob("*.json")) == []
 
 
+def test_replay_succeeds_when_old_record_cannot_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a failed run whose folder of failure records was since replaced by a file
+    _, out, failed = _run_failing_on_pixel_limit(tmp_path, monkeypatch, "stuck.jpg")
+    records = out / "labelmark-failures"
+    for record in records.iterdir():
+        record.unlink()
+    records.rmdir()
+    records.write_text("not a folder any more\n")
+
+    # WHEN the run is replayed into another folder and succeeds
+    other = tmp_path / "other"
+    replayed = CliRunner().invoke(main, ["replay", "--failed", "--out", str(other)])
+
+    # THEN the replay is reported and published, and the old record only gets a warning
+    assert failed.exit_code == 1
+    assert replayed.exit_code == 0, replayed.output
+    assert "SUCCEEDED" in replayed.output
+    assert (other / "watermarked-photos" / "stuck.jpg").is_file()
+
+
 def test_replaced_photo_retires_old_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -215,3 +215,36 @@ def test_replay_cloud_needs_arn(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.output.endswith(
         "Error: --cloud needs the state machine's ARN: pass --state-machine-arn or set LABELMARK_STATE_MACHINE_ARN\n"
     )
+
+
+def test_replay_of_replay_named_after_first_run(sfn) -> None:
+    # GIVEN a restarted run '<first>-r2' that failed too, and not redrivable
+    first = "photo.jpg-0123456789abcdef"
+    second = _description(
+        f"{first}-r2", "FAILED", stopped=NOW - dt.timedelta(days=20), redrive_status=None
+    )
+    plans = [cloud.CloudReplay(_arn(f"{first}-r2"), f"{first}-r2", "start", "s")]
+
+    # WHEN it is replayed
+    with Stubber(sfn) as stub:
+        stub.add_response("describe_execution", second, {"executionArn": _arn(f"{first}-r2")})
+        stub.add_client_error(
+            "start_execution",
+            "ExecutionAlreadyExists",
+            "exists",
+            expected_params={
+                "stateMachineArn": SM,
+                "name": f"{first}-r2",
+                "input": second["input"],
+            },
+        )
+        stub.add_response(
+            "start_execution",
+            {"executionArn": _arn(f"{first}-r3"), "startDate": NOW},
+            {"stateMachineArn": SM, "name": f"{first}-r3", "input": second["input"]},
+        )
+        outcomes = cloud.replay_all(sfn, plans, max_concurrency=1)
+        stub.assert_no_pending_responses()
+
+    # THEN the new run is the first run's third, which the store stage relates to both before it
+    assert [outcome.new_execution_arn for outcome in outcomes] == [_arn(f"{first}-r3")]

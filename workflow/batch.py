@@ -783,11 +783,17 @@ def remove_failure_record(execution: str, out_dir: Path) -> None:
     """Delete the failure record an earlier, failed run of EXECUTION left in OUT_DIR, if any.
 
     The name stands for one upload (its key and ETag), so once a run of it succeeds, the record
-    of its earlier failure describes a result that no longer holds.
+    of its earlier failure describes a result that no longer holds. A record that cannot be
+    deleted (a folder made read-only since, or replaced by a file) is left with a warning: the
+    run that succeeded has its own files written by then.
     """
     from functions.common.keys import failure_key
 
-    key_to_path(out_dir, failure_key(execution)).unlink(missing_ok=True)
+    path = key_to_path(out_dir, failure_key(execution))
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("failure record %s not deleted: %s", printable(str(path)), exc)
 
 
 def remove_replaced_failure_records(

@@ -277,10 +277,10 @@ def _run(
             out_dir,
             (outcome.execution for outcome in outcomes if outcome.status != "SKIPPED"),
         )
-        _print_summary(console, outcomes, time.perf_counter() - started, out_dir)
-        # The batch is over and reported: a signal from now on changes neither the output nor
-        # the status. One that came before is in stop_signal.received.
+        # The batch is over: a signal from now on changes neither the output nor the status,
+        # so none can follow the summary line. One that came before is in stop_signal.received.
         stop_signal.finish()
+        _print_summary(console, outcomes, time.perf_counter() - started, out_dir)
     if stop_signal.received:
         not_started = len(inputs) - len(outcomes)
         if not_started:

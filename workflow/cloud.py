@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from functions.common.keys import attempt_names
+
 __all__ = [
     "REDRIVE_WINDOW",
     "CloudReplay",
@@ -228,9 +230,12 @@ def _start_again(sfn: Any, plan: CloudReplay) -> str:
     from botocore.exceptions import ClientError
 
     description = describe(sfn, plan.execution_arn)
+    # Named after the first run, so that a replay of a replay is '<first>-r3', not
+    # '<first>-r2-r2', and the store stage finds the failure records of every earlier attempt.
+    first = attempt_names(plan.name)[0]
     for attempt in range(2, 100):
         suffix = f"-r{attempt}"
-        name = plan.name[: _NAME_MAX - len(suffix)] + suffix
+        name = first[: _NAME_MAX - len(suffix)] + suffix
         try:
             response = with_backoff(
                 lambda name=name: sfn.start_execution(  # type: ignore[misc]
