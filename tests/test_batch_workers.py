@@ -578,7 +578,7 @@ def test_batch_ends_once_workers_send_their_counts(tmp_path: Path) -> None:
     assert collector.exited == {1, 2}
 
 
-def test_hung_image_in_calling_process_does_not_hold_the_stop(
+def test_stop_abandons_hung_parent_image(
     both_runs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # GIVEN a pool whose calling process hangs on its image (a read from a network share that
@@ -629,7 +629,7 @@ def test_hung_image_in_calling_process_does_not_hold_the_stop(
     _assert_gone(pool)
 
 
-def test_hung_image_on_threads_does_not_hold_the_stop(
+def test_stop_abandons_hung_thread_image(
     both_runs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # GIVEN a batch too small for worker processes, run on two threads, whose first image hangs
@@ -690,8 +690,8 @@ def test_worker_error_ends_its_running_image(tmp_path: Path) -> None:
 def test_worker_processes_start_deaf_to_stop_signals() -> None:
     # GIVEN a pool just started, whose processes are still importing
     # WHEN Ctrl-C or SIGTERM could reach them THEN they cannot be interrupted, even before their
-    # own code ignores the signals: both are blocked from their start, and this process has
-    # them back
+    # own code ignores the signals. Both are blocked from their start, and this process has
+    # them back.
     import signal
 
     with WorkerPool(CONFIG, processes=1) as pool:
@@ -707,7 +707,7 @@ def test_worker_processes_start_deaf_to_stop_signals() -> None:
     _assert_gone(pool)
 
 
-def test_image_stuck_in_worker_reported_once_time_is_up(tmp_path: Path) -> None:
+def test_stuck_worker_image_reported_failed(tmp_path: Path) -> None:
     # GIVEN a ready worker process still running its image when the stop's time is up (a write
     # to a network share that went away)
     import queue

@@ -962,7 +962,7 @@ def test_run_signal_after_summary_changes_nothing(tmp_path: Path, signum: int) -
     lines += rest.splitlines()
 
     # THEN the command ends with the batch's status and no traceback. Only a signal that came
-    # before the summary was done counts, and then the command says so.
+    # before the summary was done counts, and then the command prints an 'interrupted' line.
     assert process.returncode in (0, 128 + signum), errors
     assert "Traceback" not in errors
     assert "Aborted" not in errors

@@ -295,7 +295,7 @@ def test_watermark_rejects_invalid_jpeg_quality(
         load_settings()
 
 
-def test_store_deletes_failure_records_of_the_runs_it_replays(buckets: Any) -> None:
+def test_store_deletes_replayed_failure_records(buckets: Any) -> None:
     from functions.store.handler import handler as store
 
     # GIVEN the failure records of a first run and its first replay, and those of other uploads

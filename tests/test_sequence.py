@@ -532,7 +532,7 @@ def test_photo_growing_past_limit_fails(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_stop_during_hung_write_ends_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN one worker whose first results never finish writing (an output folder on a network
-    # share that went away), so the runner waits for that write before it writes the next
+    # share that went away). The runner waits for that write before it writes the next.
     # WHEN Ctrl-C comes THEN the batch ends after the grace period, each image reported FAILED
     import signal
 

@@ -312,11 +312,11 @@ def collect_inputs(
     return inputs
 
 
+logger = logging.getLogger(__name__)
+
 # A worker process takes about 1 s to start (moto's imports and the model) and starts while this
 # process starts its engine. On 2 cores, with 8 to 12 MP photos, two processes ran as fast as two
 # threads at 6 to 12 images and 1.12x as fast at 18 (bench/RESULTS.md, "End to end").
-logger = logging.getLogger(__name__)
-
 PROCESS_BATCH_MIN = 12
 # Seconds the images running get to finish after Ctrl-C or an image's error stops a batch. One
 # still running then (a read or write on a network share that went away) is reported as FAILED
@@ -387,6 +387,11 @@ def _run_in_process(
     outcomes: list[ImageOutcome] = []
     reported: set[Future[ImageOutcome]] = set()
 
+    def add(outcome: ImageOutcome) -> None:
+        outcomes.append(outcome)
+        if on_done is not None:
+            on_done(outcome)
+
     def report(future: Future[ImageOutcome], raise_error: bool = True) -> None:
         reported.add(future)
         try:
@@ -395,16 +400,11 @@ def _run_in_process(
             if raise_error:
                 raise WorkerProcessError.in_this_process(images[future].key, exc) from exc
             outcome = failed_in_this_process(images[future].key, exc)
-        outcomes.append(outcome)
-        if on_done is not None:
-            on_done(outcome)
+        add(outcome)
 
     def abandon(future: Future[ImageOutcome]) -> None:
         reported.add(future)
-        outcome = unfinished_after_stop(images[future].key)
-        outcomes.append(outcome)
-        if on_done is not None:
-            on_done(outcome)
+        add(unfinished_after_stop(images[future].key))
 
     images = _start_on_daemon_threads(
         [(item, functools.partial(run_one, engine, item, out_dir)) for item in inputs],

@@ -666,8 +666,9 @@ def _recorder(settings: _WorkerSettings) -> Recorder | None:
 def _close_workers(processes: dict[int, Any], ready: set[int]) -> None:
     """Let the READY workers stop their engines and exit; kill the others.
 
-    READY contains the workers that reported the end of their batch. The others run no image: they
-    are still starting, or the batch was cut short, so they stop at once.
+    READY contains the workers that reported the end of their batch. The others are still
+    starting, were cut short by an error or Ctrl-C, or are stuck past the stop's deadline with
+    an image already reported as FAILED, so they are killed at once.
     """
     for worker, process in processes.items():
         if worker in ready:
